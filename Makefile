@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make bench` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: bench bench-full test lint venv clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m torchderiv bench --quick --json bench-results/bench.json --plot bench-results/speedups.png
+
+bench-full: $(STAMP)
+	$(PY) -m torchderiv bench --json bench-results/bench-full.json --plot bench-results/speedups-full.png
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache

@@ -1,0 +1,38 @@
+"""torchderiv: fast, exact per-sample derivatives of PyTorch networks with respect to their inputs.
+
+A Taylor-mode transform traces ``f`` once to an ATen fx graph, generates a forward graph that propagates
+the value plus the Taylor coefficients a request needs, caches it and runs it. Results stay
+differentiable w.r.t. the parameters of ``f`` with one ordinary backward pass.
+"""
+
+from ._api import (
+    biharmonic,
+    choose_method,
+    divergence,
+    hessian,
+    hessian_diagonal,
+    jacobian,
+    jacobian_diagonal,
+    laplacian,
+    partials,
+)
+from ._capture import BatchMixingError, TraceError
+from ._engine import cache_info, clear_cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "jacobian",
+    "jacobian_diagonal",
+    "hessian",
+    "hessian_diagonal",
+    "laplacian",
+    "divergence",
+    "partials",
+    "biharmonic",
+    "choose_method",
+    "cache_info",
+    "clear_cache",
+    "BatchMixingError",
+    "TraceError",
+]

@@ -1,0 +1,312 @@
+"""Capture: trace ``f`` once to an ATen-level fx graph whose tensor constants become graph inputs.
+
+``make_fx`` in fake mode records every ATen op ``f`` runs, without computing anything, and refuses
+data-dependent Python control flow (``if x.sum() > 0``), which we report as :class:`TraceError` so
+callers can fall back. Parameters, buffers and any tensor ``f`` closes over appear as ``get_attr``
+constants holding the very same tensor objects; we turn them into placeholders so that the generated
+derivative graph reads the live tensors at every call (an optimizer step updates them in place) and
+autograd flows to them.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ._rules import RULES
+
+aten = torch.ops.aten
+
+
+class TraceError(RuntimeError):
+    """``f`` could not be traced to a static graph (data-dependent control flow, unsupported Python)."""
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    constants: list[torch.Tensor]  # the tensors fed to placeholders 1.. at call time
+
+
+def _decompositions_for(gm: fx.GraphModule) -> dict:
+    from torch._decomp import decomposition_table
+
+    table = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            if n.target not in RULES and n.target in decomposition_table:
+                table[n.target] = decomposition_table[n.target]
+    return table
+
+
+def capture(f, x: torch.Tensor) -> Captured:
+    """Trace ``f`` at an input like ``x``; ops without a rule are decomposed where torch knows how."""
+    fake_x = torch.empty_like(x, device=x.device)
+    try:
+        gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+        for _ in range(4):  # decompose ops that have no rule, until nothing changes
+            table = _decompositions_for(gm)
+            if not table:
+                break
+            gm = make_fx(gm, decomposition_table=table, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not a static graph"
+        raise TraceError(f"{type(e).__name__}: {e}") from e
+    gm.graph.eliminate_dead_code()
+    # lift get_attr tensors to placeholders
+    constants: list[torch.Tensor] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    last = placeholders[-1]
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr":
+            t = getattr(gm, n.target)
+            if not isinstance(t, torch.Tensor):
+                continue
+            with gm.graph.inserting_after(last):
+                ph = gm.graph.placeholder(f"const_{len(constants)}")
+            last = ph
+            ph.meta.update(n.meta)
+            n.replace_all_uses_with(ph)
+            gm.graph.erase_node(n)
+            constants.append(t)
+    gm.graph.lint()
+    gm.recompile()
+    return Captured(gm=gm, constants=constants)
+
+
+# ----------------------------------------------------------------------------- batch independence
+
+_ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "minimum", "rsub", "clamp",
+                     "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_not",
+                     "masked_fill", "fill", "copy", "lerp", "addcmul", "addcdiv", "atan2", "fmod",
+                     "remainder", "sign", "bitwise_and", "bitwise_or", "bitwise_not"}
+
+
+class BatchMixingError(ValueError):
+    pass
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def check_batch_independence(cap: Captured, fname: str) -> None:
+    """Follow the batch dimension of input 0 through the graph; raise on any op that mixes rows.
+
+    Each value is tagged with the position of its batch dim (or ``None`` when it does not depend on the
+    input). Ops whose effect on the batch dim is not known are treated as mixing, so an unknown op can
+    never let a row-mixing graph through silently.
+    """
+    gm = cap.gm
+    nodes = list(gm.graph.nodes)
+    x = next(n for n in nodes if n.op == "placeholder")
+    xv = _val(x)
+    B = xv.shape[0]
+    bd: dict = {x: 0}
+
+    def fail(node, why):
+        raise BatchMixingError(
+            f"{fname}: batched=True requires that rows of x do not interact, but the traced graph "
+            f"mixes them at `{node.target}` ({why}). If f really couples the samples (BatchNorm in "
+            f"training mode, x.mean(0), attention across the batch ...), call {fname}(..., batched=False) "
+            f"on one sample at a time, or put the module in eval mode."
+        )
+
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        ins = [a for a in n.all_input_nodes if bd.get(a) is not None]
+        if not ins:
+            continue
+        if n.target is operator.getitem:
+            src = n.args[0]
+            v = _val(n)
+            bd[n] = bd.get(src) if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+            if isinstance(bd[n], int) and (bd[n] >= v.dim() or v.shape[bd[n]] != B):
+                bd[n] = _find_batch(v, B)
+            continue
+        out = _val(n)
+        name = n.target.__name__.split(".")[0] if hasattr(n.target, "__name__") else str(n.target)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        o0 = next((o for o in outs if isinstance(o, torch.Tensor)), None)
+        if o0 is None:
+            continue
+        positions = []
+        for a in ins:
+            av = _val(a)
+            positions.append((bd[a], av.dim()))
+
+        def same_rank_pos(default_fail=True):
+            # batch dim keeps its place counted from the right (broadcasting semantics)
+            ps = {o0.dim() - (nd - p) for p, nd in positions}
+            if len(ps) != 1:
+                fail(n, "inputs carry the batch in different dimensions")
+            p = ps.pop()
+            if o0.dim() == 0 or p < 0 or o0.shape[p] != B:
+                fail(n, "the batch dimension disappears")
+            return p
+
+        args = n.args
+        if name in ("mm", "addmm"):
+            a_idx = 1 if name == "addmm" else 0
+            lhs, rhs = args[a_idx], args[a_idx + 1]
+            if bd.get(rhs) is not None or (bd.get(lhs) not in (None, 0)):
+                fail(n, "a matrix product contracts over the batch")
+            if name == "addmm" and bd.get(args[0]) is not None and _val(args[0]).dim() == 2:
+                pass
+            bd[n] = 0
+        elif name in ("bmm", "baddbmm", "convolution", "_native_batch_norm_legit_no_training",
+                      "native_group_norm", "avg_pool2d", "max_pool2d_with_indices", "avg_pool1d",
+                      "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "upsample_nearest2d",
+                      "upsample_bilinear2d"):
+            for a in ins:
+                if bd[a] != 0:
+                    fail(n, "the batch dimension is not the leading one")
+            if name in ("bmm", "baddbmm"):
+                # batch of matrices: fine when batch is dim 0 of both operands
+                pass
+            bd[n] = 0
+        elif name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                      "batch_norm"):
+            fail(n, "batch normalization in training mode uses batch statistics")
+        elif name in ("t", "transpose", "permute"):
+            p = bd[ins[0]]
+            nd = _val(ins[0]).dim()
+            if name == "t":
+                perm = [1, 0] if nd == 2 else list(range(nd))
+            elif name == "transpose":
+                perm = list(range(nd))
+                d0, d1 = args[1] % nd, args[2] % nd
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+            else:
+                perm = [d % nd for d in args[1]]
+            bd[n] = perm.index(p)
+        elif name in ("view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze", "clone",
+                      "alias", "contiguous", "_to_copy", "detach", "lift_fresh_copy", "flatten",
+                      "constant_pad_nd", "roll", "flip", "repeat"):
+            p = bd[ins[0]]
+            iv = _val(ins[0])
+            if name in ("view", "_unsafe_view", "reshape"):
+                bd[n] = _view_batch(iv.shape, o0.shape, p)
+                if bd[n] is None:
+                    fail(n, "a view merges the batch dimension with another in a way rows cannot survive")
+            elif name == "unsqueeze":
+                d = args[1] % o0.dim()
+                bd[n] = p + 1 if d <= p else p
+            elif name == "squeeze":
+                bd[n] = _find_batch_keep(iv, o0, p, B)
+            elif name in ("constant_pad_nd",):
+                pads = args[1]
+                padded = [iv.dim() - 1 - i // 2 for i in range(len(pads)) if pads[i] != 0]
+                if p in padded:
+                    fail(n, "padding along the batch dimension")
+                bd[n] = p
+            elif name in ("roll", "flip", "repeat"):
+                fail(n, f"{name} may move data between rows")
+            else:
+                bd[n] = o0.dim() - (iv.dim() - p)
+        elif name in ("slice", "select", "narrow", "index_select", "split", "split_with_sizes", "unbind",
+                      "chunk"):
+            p = bd[ins[0]]
+            d = args[1] % _val(ins[0]).dim() if len(args) > 1 and isinstance(args[1], int) else 0
+            if name in ("split", "split_with_sizes", "chunk"):
+                d = (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) % _val(ins[0]).dim()
+            if name == "index_select":
+                d = args[1] % _val(ins[0]).dim()
+            if name == "unbind":
+                d = (args[1] if len(args) > 1 else 0) % _val(ins[0]).dim()
+            if d == p:
+                fail(n, "slicing or indexing along the batch dimension")
+            if name in ("select", "unbind"):
+                bd[n] = p - 1 if d < p else p
+            else:
+                bd[n] = p
+        elif name in ("cat", "stack"):
+            tensors = args[0]
+            d = args[1] if len(args) > 1 else n.kwargs.get("dim", 0)
+            d = d % o0.dim()
+            ps = set()
+            for t in tensors:
+                if bd.get(t) is not None:
+                    tv = _val(t)
+                    ps.add(bd[t] if name == "cat" else (bd[t] if bd[t] < d else bd[t] + 1))
+                    if name == "cat" and tv.dim() != o0.dim():
+                        fail(n, "concatenating tensors of different rank")
+            if len(ps) != 1 or d in ps:
+                fail(n, f"{name} along the batch dimension")
+            bd[n] = ps.pop()
+        elif name in ("sum", "mean", "amax", "amin", "var", "std", "prod", "logsumexp", "var_mean",
+                      "argmax", "argmin", "max", "min", "norm", "linalg_vector_norm", "_softmax",
+                      "_log_softmax", "cumsum", "any", "all"):
+            p = bd[ins[0]]
+            iv = _val(ins[0])
+            dims = args[1] if len(args) > 1 else n.kwargs.get("dim", None)
+            if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+                dims = list(range(iv.dim()))
+            if isinstance(dims, int):
+                dims = [dims]
+            dims = [d % iv.dim() for d in dims]
+            if p in dims:
+                fail(n, "a reduction over the batch dimension")
+            keep = o0.dim() == iv.dim()
+            bd[n] = p if keep else p - sum(1 for d in dims if d < p)
+        elif name == "native_layer_norm":
+            p = bd[ins[0]]
+            iv = _val(ins[0])
+            if p >= iv.dim() - len(args[1]):
+                fail(n, "layer_norm normalizes over the batch dimension")
+            bd[n] = p
+        elif name in RULES_ELEMENTWISE or name in _ELEMENTWISE_SAFE:
+            bd[n] = same_rank_pos()
+        else:
+            # unknown op: accept only when output keeps the input's shape and batch position (unary map)
+            if len(ins) == 1 and tuple(_val(ins[0]).shape) == tuple(o0.shape) and name.endswith("_backward") is False:
+                bd[n] = bd[ins[0]]
+            else:
+                fail(n, "torchderiv does not know how this op treats the batch dimension")
+
+
+def _view_batch(ishape, oshape, p):
+    """Where the batch dim lands after a view, if it survives as the leading factor of one dim."""
+    pre = 1
+    for s in ishape[:p]:
+        pre *= s
+    acc = 1
+    for j, s in enumerate(oshape):
+        if acc == pre:
+            if s == ishape[p]:
+                return j
+            if s % ishape[p] == 0:
+                return j  # batch merged with the dims after it: rows stay contiguous blocks
+            return None
+        acc *= s
+        if acc > pre:
+            return None
+    return None
+
+
+def _find_batch(v, B):
+    for i, s in enumerate(v.shape):
+        if s == B:
+            return i
+    return None
+
+
+def _find_batch_keep(iv, ov, p, B):
+    removed = [d for d in range(iv.dim()) if iv.shape[d] == 1 and ov.dim() < iv.dim()]
+    # squeeze never removes a dim of size B > 1
+    return p - sum(1 for d in removed[: iv.dim() - ov.dim()] if d < p)
+
+
+RULES_ELEMENTWISE = {
+    "tanh", "sigmoid", "exp", "expm1", "log", "log1p", "sin", "cos", "sinh", "cosh", "sqrt", "rsqrt",
+    "reciprocal", "erf", "atan", "silu", "relu", "abs", "softplus", "leaky_relu", "hardtanh", "elu", "gelu",
+    "neg", "square", "tan", "asin", "acos", "asinh", "acosh", "atanh", "log2", "log10", "exp2", "erfc",
+    "mish", "hardswish", "hardsigmoid", "celu", "selu", "logit", "sgn", "floor", "ceil", "round", "trunc",
+}
+
+__all__ = ["capture", "check_batch_independence", "Captured", "TraceError", "BatchMixingError", "aten",
+           "operator"]

@@ -1,0 +1,221 @@
+"""Shared machinery of the public functions: validation, requests, chunking, the torch.func paths."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._capture import TraceError
+from ._engine import derivative_graph, run
+from ._jet import full
+from ._plan import MultiIndex, Plan
+
+METHODS = ("auto", "forward", "reverse")
+Combo = list[tuple[MultiIndex, float]]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(fname: str, f, x, batched: bool, method: str, chunk_size) -> None:
+    if not callable(f):
+        raise TypeError(f"{fname}: f must be callable (an nn.Module or a function of one tensor), got {type(f)}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fname}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{fname}: x must be a floating-point tensor to be differentiated, got dtype {x.dtype}; "
+            f"convert it first, e.g. x.float() or x.double()"
+        )
+    if batched and x.dim() < 1:
+        raise ValueError(
+            f"{fname}: batched=True expects x of shape [B, *in] with a leading batch dimension, got a 0-d "
+            f"tensor; pass batched=False for a single point"
+        )
+    if method not in METHODS:
+        raise ValueError(f"{fname}: method must be one of {METHODS}, got {method!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"{fname}: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def in_shape(x: Tensor, batched: bool) -> tuple[int, ...]:
+    return tuple(x.shape[1:]) if batched else tuple(x.shape)
+
+
+def numel(shape) -> int:
+    return math.prod(shape)
+
+
+def check_output(fname: str, y, x: Tensor, batched: bool) -> None:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{fname}: f must return a single tensor, got {type(y).__name__}")
+    if batched and (y.dim() == 0 or y.shape[0] != x.shape[0]):
+        raise ValueError(
+            f"{fname}: with batched=True, f(x) must keep the batch dimension: x has shape {tuple(x.shape)} "
+            f"(B={x.shape[0]}) but f(x) has shape {tuple(y.shape)}. Return [B, *out] from f, or pass "
+            f"batched=False to treat x as one point"
+        )
+
+
+def _probe_output(fname: str, f, x: Tensor, batched: bool):
+    with torch.no_grad():
+        y = f(x)
+    check_output(fname, y, x, batched)
+    return y
+
+
+# ----------------------------------------------------------------------------- forward Taylor path
+
+
+def _remap(items: Sequence[MultiIndex], combos: Sequence[Combo]):
+    coords = sorted({i for a in items for i in a} | {i for c in combos for a, _ in c for i in a})
+    pos = {c: r for r, c in enumerate(coords)}
+    ind = [tuple(sorted(pos[i] for i in a)) for a in items]
+    cmb = [[(tuple(sorted(pos[i] for i in a)), w) for a, w in c] for c in combos]
+    return coords, ind, cmb
+
+
+def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo],
+           batched: bool, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Run the forward Taylor path.
+
+    Returns ``(y, parts, sums)``: ``parts[i]`` is the partial derivative for ``items[i]`` (multi-indices
+    of input coordinates, shape ``[len(items), *y.shape]``), ``sums[c]`` the collapsed combination
+    ``combos[c]``. ``()`` in items is the value itself.
+    """
+    items = [tuple(sorted(a)) for a in items]
+    if chunk_size is not None and (len(items) > chunk_size or any(len(c) > chunk_size for c in combos)):
+        return _chunked(fname, f, x, items, combos, batched, chunk_size)
+    coords, ind, cmb = _remap(items, combos)
+    plan = Plan(len(coords), [a for a in ind if a], cmb)
+    try:
+        entry = derivative_graph(f, x, plan, coords, batched, fname)
+    except TraceError as e:
+        return _traced_fallback(fname, f, x, items, combos, batched, e)
+    out = run(entry, x)
+    y = out[0]
+    check_output(fname, y, x, batched)
+    parts = None
+    if items:
+        rows = []
+        for a in ind:
+            if not a:
+                rows.append(y.unsqueeze(0))
+                continue
+            X = out[len(a)]
+            rows.append(full(X[plan.position(a) : plan.position(a) + 1], y.shape))
+        parts = rows[0] if len(rows) == 1 else _stack_rows(rows, out, plan, ind, y)
+    sums = None
+    if combos:
+        rows = []
+        for combo in cmb:
+            k = len(combo[0][0])
+            op = plan.orders[k - 1]
+            r = len(op.individual) + op.combos.index(combo)
+            rows.append(full(out[k][r : r + 1], y.shape))
+        sums = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+    return y, parts, sums
+
+
+def _stack_rows(rows, out, plan, ind, y):
+    # fast path: all items are the whole of one order, in stored order (jacobian, hessian, ...)
+    orders = {len(a) for a in ind}
+    if len(orders) == 1 and 0 not in orders:
+        k = orders.pop()
+        pos = [plan.position(a) for a in ind]
+        X = out[k]
+        if pos == list(range(X.shape[0])):
+            return full(X, y.shape)
+        return full(X, y.shape).index_select(0, torch.tensor(pos, device=X.device))
+    return torch.cat(rows, 0)
+
+
+def _chunked(fname, f, x, items, combos, batched, chunk_size):
+    y = None
+    parts = []
+    for s in range(0, len(items), chunk_size):
+        y, p, _ = taylor(fname, f, x, items[s : s + chunk_size], [], batched, None)
+        parts.append(p)
+    sums = []
+    for combo in combos:
+        acc = None
+        for s in range(0, len(combo), chunk_size):
+            y, _, c = taylor(fname, f, x, [], [combo[s : s + chunk_size]], batched, None)
+            acc = c if acc is None else acc + c
+        sums.append(acc)
+    return (y, torch.cat(parts, 0) if parts else None, torch.cat(sums, 0) if sums else None)
+
+
+# ----------------------------------------------------------------------------- torch.func paths
+
+
+def per_sample(f: Callable, batched: bool) -> Callable:
+    if not batched:
+        return f
+    return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
+
+
+def nested_jacrev(g: Callable, k: int) -> Callable:
+    for _ in range(k):
+        g = torch.func.jacrev(g)
+    return g
+
+
+def reference_partials(f: Callable, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo],
+                       batched: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Partials by nested reverse mode (torch.func), per sample: slow, independent of the Taylor engine.
+
+    Uses vmap over the batch; where vmap cannot run ``f`` (data-dependent control flow), loops."""
+    g = per_sample(f, batched)
+    orders = sorted({len(a) for a in items} | {len(a) for c in combos for a, _ in c})
+    ins = in_shape(x, batched)
+    n = numel(ins)
+
+    def all_orders(xi):
+        res = {0: g(xi)}
+        for k in orders:
+            if k:
+                d = nested_jacrev(g, k)(xi)
+                res[k] = d.reshape(*d.shape[: d.dim() - k * len(ins)], *([n] * k))
+        return res
+
+    if batched:
+        try:
+            res = torch.func.vmap(all_orders)(x)
+        except Exception:  # noqa: BLE001 - vmap cannot run f: loop over samples instead
+            per = [all_orders(x[b]) for b in range(x.shape[0])]
+            res = {k: torch.stack([p[k] for p in per]) for k in per[0]}
+    else:
+        res = all_orders(x)
+    y = res[0]
+    off = 1 if batched else 0
+
+    def pick(a):
+        t = res[len(a)]
+        if not a:
+            return t
+        idx = (slice(None),) * (t.dim() - len(a)) + tuple(a)
+        return t[idx]
+
+    parts = torch.stack([pick(a) for a in items]) if items else None
+    sums = None
+    if combos:
+        sums = torch.stack([sum(w * pick(a) for a, w in c) for c in combos])
+    del off
+    return y, parts, sums
+
+
+def _traced_fallback(fname, f, x, items, combos, batched, err):
+    warnings.warn(
+        f"{fname}: f could not be traced to a static graph ({err}); falling back to torch.func "
+        f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
+        stacklevel=4,
+    )
+    y = _probe_output(fname, f, x, batched)
+    del y
+    return reference_partials(f, x, items, combos, batched)

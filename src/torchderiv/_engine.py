@@ -1,0 +1,219 @@
+"""Transform a captured graph into a derivative graph, cache it, run it.
+
+The transform interprets the captured ATen graph once with :class:`~torchderiv._jet.Jet` values,
+applying the rule of every op, while ``make_fx`` records the tensor operations this performs. The
+recorded graph is plain torch code computing ``(y, coefficients of order 1..K)``: no Python
+interpreter, no rule lookups and no zero-tracking remain at run time. It takes the input and the
+captured constants (parameters, buffers) as inputs, so an ordinary backward reaches the parameters.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
+
+from ._capture import Captured, capture, check_batch_independence
+from ._jet import Ctx, Jet
+from ._plan import Plan
+from ._rules import RULES, Unsupported
+
+_warned: set = set()
+
+
+def _warn_once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=4)
+
+
+# ----------------------------------------------------------------------------- fallback
+
+
+def _fallback(ctx: Ctx, op, args, kwargs):
+    """Generic rule for ops without one: forward-mode AD of the op itself (order 1 only)."""
+    name = str(op)
+    if ctx.K > 1:
+        raise NotImplementedError(
+            f"torchderiv: no Taylor rule for `{name}` and its generic fallback supports order 1 only, "
+            f"but this request needs order {ctx.K}. Replace the op in f (or open an issue with this message)."
+        )
+    _warn_once(name, f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback (slower).")
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    jet_pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
+    primals = [a.p if isinstance(a, Jet) else a for a in flat]
+
+    def call(*jet_primals):
+        vals = list(primals)
+        for i, v in zip(jet_pos, jet_primals):
+            vals[i] = v
+        a, k = pytree.tree_unflatten(vals, spec)
+        return op(*a, **k)
+
+    jp = tuple(primals[i] for i in jet_pos)
+    y = call(*jp)
+    X = [flat[i].c[0] for i in jet_pos]
+    if all(t is None for t in X):
+        return y
+    rows = next(t for t in X if t is not None).shape[0]
+    tangents_rows = []
+    for r in range(rows):
+        tangents = tuple(
+            (t[r].expand(p.shape) if t is not None else torch.zeros_like(p)) for t, p in zip(X, jp)
+        )
+        _, dy = torch.func.jvp(call, jp, tangents)
+        tangents_rows.append(dy)
+    if isinstance(y, torch.Tensor):
+        return Jet(y, [torch.stack(tangents_rows)])
+    return type(y)(Jet(yi, [torch.stack([t[i] for t in tangents_rows])]) for i, yi in enumerate(y))
+
+
+# ----------------------------------------------------------------------------- interpretation
+
+
+def _interpret(ctx: Ctx, gm: fx.GraphModule, inputs: list):
+    env: dict = {}
+    it = iter(inputs)
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = next(it)
+        elif n.op == "call_function":
+            args = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
+            kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
+            if n.target is operator.getitem:
+                env[n] = args[0][args[1]]
+                continue
+            has_jet = any(isinstance(a, Jet) for a in pytree.tree_leaves((args, kwargs)))
+            if not has_jet:
+                env[n] = n.target(*args, **kwargs)
+                continue
+            r = RULES.get(n.target)
+            try:
+                if r is None:
+                    raise Unsupported("no rule")
+                env[n] = r(ctx, *args, **kwargs)
+            except Unsupported:
+                env[n] = _fallback(ctx, n.target, args, kwargs)
+        elif n.op == "output":
+            return pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args[0])
+        else:  # pragma: no cover - capture removes get_attr / call_module
+            raise RuntimeError(f"torchderiv: unexpected node {n.op} {n.target}")
+
+
+def seeds(plan_dirs: list[int], x: torch.Tensor, batched: bool) -> torch.Tensor:
+    """One-hot seeds for the chosen input coordinates: ``[R, 1, *in]`` (batched) or ``[R, *in]``."""
+    in_shape = x.shape[1:] if batched else x.shape
+    n = 1
+    for s in in_shape:
+        n *= s
+    eye = torch.zeros(len(plan_dirs), n, dtype=x.dtype, device=x.device)
+    eye[torch.arange(len(plan_dirs)), torch.tensor(plan_dirs, dtype=torch.long)] = 1
+    return eye.reshape(len(plan_dirs), *([1] if batched else []), *in_shape)
+
+
+def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool) -> fx.GraphModule:
+    """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``."""
+
+    s = seeds(dirs, x, batched)
+
+    def taylor(xx, *consts):
+        ctx = Ctx(plan)
+        xj = Jet(xx, [s] + [None] * (plan.order - 1))
+        out = _interpret(ctx, cap.gm, [xj, *consts])
+        if not isinstance(out, torch.Tensor) and not isinstance(out, Jet):
+            raise TypeError("f must return a single tensor")
+        if not isinstance(out, Jet):
+            out = Jet(out, [None] * plan.order)
+        coefs = []
+        for k, X in enumerate(out.c):
+            if X is None:
+                X = ctx.zeros(k + 1, out.p)
+            coefs.append(X)
+        return (out.p, *coefs)
+
+    with torch.no_grad():
+        consts = [c.detach() for c in cap.constants]
+        gm = make_fx(taylor)(x.detach(), *consts)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class Entry:
+    gm: fx.GraphModule
+    constants: list[torch.Tensor]
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STRONG_FALLBACK: OrderedDict = OrderedDict()  # for callables that cannot be weak-referenced
+_PER_F = 32
+
+
+def _owner(f):
+    """Object whose lifetime bounds the cache entries of ``f`` (a bound method's instance and function)."""
+    if hasattr(f, "__self__") and hasattr(f, "__func__"):
+        return f.__self__, f.__func__
+    return f, None
+
+
+def _slot(f) -> OrderedDict:
+    owner, func = _owner(f)
+    try:
+        d = _CACHE.get(owner)
+        if d is None:
+            d = _CACHE[owner] = {}
+    except TypeError:
+        d = _STRONG_FALLBACK
+        func = id(owner)
+    return d.setdefault(func, OrderedDict())
+
+
+def cache_info() -> dict:
+    """Number of live cache owners and entries (for tests and debugging)."""
+    owners = len(_CACHE)
+    entries = sum(len(od) for d in _CACHE.values() for od in d.values())
+    return {"owners": owners, "entries": entries}
+
+
+def clear_cache() -> None:
+    """Drop every cached derivative graph."""
+    _CACHE.clear()
+    _STRONG_FALLBACK.clear()
+
+
+def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
+                     fname: str) -> Entry:
+    slot = _slot(f)
+    ids = ()
+    if isinstance(f, torch.nn.Module):
+        ids = (f.training, tuple(id(p) for p in f.parameters()))
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, ids)
+    e = slot.get(key)
+    if e is not None:
+        slot.move_to_end(key)
+        return e
+    cap = capture(f, x)
+    if batched:
+        check_batch_independence(cap, fname)
+    gm = build(cap, plan, dirs, x, batched)
+    e = Entry(gm=gm, constants=cap.constants)
+    slot[key] = e
+    while len(slot) > _PER_F:
+        slot.popitem(last=False)
+    return e
+
+
+def run(entry: Entry, x: torch.Tensor):
+    return entry.gm(x, *entry.constants)

@@ -1,0 +1,597 @@
+"""The rule registry: one Taylor propagation rule per ATen op, grouped by kind.
+
+A rule receives the op's arguments with every input-dependent tensor replaced by a
+:class:`~torchderiv._jet.Jet` and returns a Jet (or a tuple/list of them). Rules are orders-agnostic:
+they are built from the combinators of :mod:`torchderiv._jet`, so each supports every order the plan
+asks for. A rule may raise :class:`Unsupported` (for instance when an argument it treats as a constant
+depends on the input); the engine then uses the generic fallback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import _derivs as D
+from ._jet import Ctx, Jet, add, align, as_jet, compose, constant, full, is_full, linear, product, scale
+
+aten = torch.ops.aten
+
+RULES: dict = {}
+
+
+class Unsupported(Exception):
+    """Raised by a rule that cannot handle these arguments; the engine falls back."""
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def P(a):
+    return a.p if isinstance(a, Jet) else a
+
+
+def _require_constant(*args):
+    for a in args:
+        if isinstance(a, Jet):
+            raise Unsupported("an argument treated as constant depends on the input")
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d % ndim if ndim else 0
+
+
+# ============================================================================ elementwise functions
+
+_UNARY: dict = {
+    aten.tanh.default: lambda *a, **k: D.tanh_derivs,
+    aten.sigmoid.default: lambda *a, **k: D.sigmoid_derivs,
+    aten.exp.default: lambda *a, **k: D.exp_derivs,
+    aten.expm1.default: lambda *a, **k: D.expm1_derivs,
+    aten.log.default: lambda *a, **k: D.log_derivs_shift(0.0),
+    aten.log1p.default: lambda *a, **k: D.log_derivs_shift(1.0),
+    aten.sin.default: lambda *a, **k: D.sin_derivs,
+    aten.cos.default: lambda *a, **k: D.cos_derivs,
+    aten.sinh.default: lambda *a, **k: D.sinh_derivs,
+    aten.cosh.default: lambda *a, **k: D.cosh_derivs,
+    aten.sqrt.default: lambda *a, **k: D.sqrt_derivs,
+    aten.rsqrt.default: lambda *a, **k: D.rsqrt_derivs,
+    aten.reciprocal.default: lambda *a, **k: D.reciprocal_derivs,
+    aten.erf.default: lambda *a, **k: D.erf_derivs,
+    aten.atan.default: lambda *a, **k: D.atan_derivs,
+    aten.silu.default: lambda *a, **k: D.silu_derivs,
+    aten.relu.default: lambda *a, **k: D.piecewise_linear(lambda x: (x > 0).to(x.dtype)),
+    aten.abs.default: lambda *a, **k: D.piecewise_linear(torch.sign),
+    aten.pow.Tensor_Scalar: lambda x, p: D.pow_derivs(float(p)),
+    aten.softplus.default: lambda x, beta=1, threshold=20: D.softplus_derivs(float(beta), float(threshold)),
+    aten.leaky_relu.default: lambda x, slope=0.01: D.piecewise_linear(
+        lambda t: torch.where(t > 0, torch.ones_like(t), torch.full_like(t, slope))
+    ),
+    aten.hardtanh.default: lambda x, lo=-1.0, hi=1.0: D.piecewise_linear(
+        lambda t: ((t > lo) & (t < hi)).to(t.dtype)
+    ),
+    aten.elu.default: lambda x, alpha=1.0, scale=1.0, input_scale=1.0: D.elu_derivs(
+        float(alpha), float(scale), float(input_scale)
+    ),
+}
+
+
+def _clamp_derivs(x, lo=None, hi=None):
+    def mask(t):
+        m = torch.ones_like(t, dtype=torch.bool)
+        if lo is not None:
+            m = m & (t > lo)
+        if hi is not None:
+            m = m & (t < hi)
+        return m.to(t.dtype)
+
+    return D.piecewise_linear(mask)
+
+
+_UNARY[aten.clamp.default] = _clamp_derivs
+
+
+def _gelu_rule(ctx: Ctx, x, approximate: str = "none"):
+    if approximate == "none":
+        return _unary_apply(ctx, x, aten.gelu.default(x.p), D.gelu_derivs)
+    # tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    c = math.sqrt(2.0 / math.pi)
+    x3 = _pow(ctx, x, 3.0)
+    u = add(ctx, x, x3, x.p + 0.044715 * x3.p, alpha=0.044715)
+    u = scale(ctx, u, c, c * u.p)
+    t = _unary_apply(ctx, u, torch.tanh(u.p), D.tanh_derivs)
+    half = scale(ctx, Jet(t.p + 1, t.c), 0.5, 0.5 * (t.p + 1))
+    return product(ctx, x, half, torch.mul)
+
+
+RULES[aten.gelu.default] = _gelu_rule
+
+
+def _unary_apply(ctx: Ctx, x: Jet, y: Tensor, derivs) -> Jet:
+    return compose(ctx, x, y, derivs(x.p, y, ctx.K))
+
+
+def _unary(op, factory):
+    def r(ctx: Ctx, x, *args, **kwargs):
+        _require_constant(*args, *kwargs.values())
+        y = op(x.p, *args, **kwargs)
+        return _unary_apply(ctx, x, y, factory(x.p, *args, **kwargs))
+
+    return r
+
+
+for _op, _factory in list(_UNARY.items()):
+    RULES[_op] = _unary(_op, _factory)
+
+
+def _pow(ctx: Ctx, x: Jet, p: float) -> Jet:
+    return _unary_apply(ctx, x, torch.pow(x.p, p), D.pow_derivs(p))
+
+
+def _reciprocal(ctx: Ctx, x: Jet) -> Jet:
+    return _unary_apply(ctx, x, torch.reciprocal(x.p), D.reciprocal_derivs)
+
+
+@rule(aten.pow.Tensor_Tensor)
+def _pow_tt(ctx, a, b):
+    if constant(b):
+        raise Unsupported("pow with a tensor exponent")  # falls back to decomposition
+    # a^b = exp(b log a)
+    la = _unary_apply(ctx, a, torch.log(P(a)), D.log_derivs_shift(0.0)) if isinstance(a, Jet) else torch.log(a)
+    e = product(ctx, b, la, torch.mul)
+    return _unary_apply(ctx, e, torch.exp(e.p), D.exp_derivs)
+
+
+@rule(aten.pow.Scalar)
+def _pow_scalar_base(ctx, s, x):
+    e = scale(ctx, x, math.log(s), x.p * math.log(s))
+    return _unary_apply(ctx, e, torch.exp(e.p), D.exp_derivs)
+
+
+# ============================================================================ arithmetic
+
+
+@rule(aten.add.Tensor)
+def _add(ctx, a, b, alpha=1):
+    return add(ctx, a, b, torch.add(P(a), P(b), alpha=alpha), alpha)
+
+
+@rule(aten.sub.Tensor)
+def _sub(ctx, a, b, alpha=1):
+    return add(ctx, a, b, torch.sub(P(a), P(b), alpha=alpha), -alpha)
+
+
+@rule(aten.rsub.Scalar, aten.rsub.Tensor)
+def _rsub(ctx, a, b, alpha=1):
+    # b - alpha * a
+    return add(ctx, b, a, torch.rsub(P(a), P(b), alpha=alpha), -alpha)
+
+
+@rule(aten.add.Scalar)
+def _add_scalar(ctx, a, b, alpha=1):
+    return Jet(a.p + b * alpha, list(a.c))
+
+
+@rule(aten.sub.Scalar)
+def _sub_scalar(ctx, a, b, alpha=1):
+    return Jet(a.p - b * alpha, list(a.c))
+
+
+@rule(aten.neg.default)
+def _neg(ctx, a):
+    return scale(ctx, a, -1.0, -a.p)
+
+
+@rule(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(ctx, a, b):
+    if not isinstance(P(a), Tensor) or (isinstance(b, Jet) and not isinstance(a, Jet)):
+        a, b = b, a
+    if constant(b):
+        return scale(ctx, a, b, a.p * b)
+    return product(ctx, a, b, torch.mul)
+
+
+@rule(aten.div.Tensor, aten.div.Scalar)
+def _div(ctx, a, b):
+    if constant(b):
+        return scale(ctx, a, 1 / b if not isinstance(b, Tensor) else torch.reciprocal(b), P(a) / b)
+    rb = _reciprocal(ctx, b)
+    return product(ctx, a, rb, torch.mul, y=P(a) / b.p)
+
+
+@rule(aten.where.self)
+def _where(ctx, cond, a, b):
+    _require_constant(cond)
+    y = torch.where(cond, P(a), P(b))
+    nd = y.dim()
+    out = []
+    for k in range(ctx.K):
+        A = a.c[k] if isinstance(a, Jet) else None
+        B = b.c[k] if isinstance(b, Jet) else None
+        if A is None and B is None:
+            out.append(None)
+            continue
+        like = A if A is not None else B
+        A = align(A, nd) if A is not None else like.new_zeros(())
+        B = align(B, nd) if B is not None else like.new_zeros(())
+        out.append(torch.where(cond, A, B))
+    return Jet(y, out)
+
+
+def _select_rule(pick_a: Callable):
+    def r(ctx, a, b):
+        c = pick_a(P(a), P(b))
+        return _where(ctx, c, a, b)
+
+    return r
+
+
+RULES[aten.maximum.default] = _select_rule(lambda a, b: a >= b)
+RULES[aten.minimum.default] = _select_rule(lambda a, b: a <= b)
+
+
+# ============================================================================ linear algebra
+
+
+@rule(aten.mm.default, aten.bmm.default)
+def _mm(ctx, a, b):
+    return product(ctx, a, b, torch.matmul, elementwise=False)
+
+
+def _addmm_like(op):
+    def r(ctx, bias, a, b, beta=1, alpha=1):
+        y = op(P(bias), P(a), P(b), beta=beta, alpha=alpha)
+        m = y if constant(a) and constant(b) else product(ctx, a, b, torch.matmul, y=y, elementwise=False)
+        if isinstance(m, Jet) and alpha != 1:
+            m = scale(ctx, m, alpha, y)
+        if isinstance(bias, Jet):
+            bias = scale(ctx, bias, beta, y) if beta != 1 else bias
+            return add(ctx, m, bias, y)
+        return m
+
+    return r
+
+
+RULES[aten.addmm.default] = _addmm_like(torch.addmm)
+RULES[aten.baddbmm.default] = _addmm_like(torch.baddbmm)
+
+
+@rule(aten.convolution.default)
+def _conv(ctx, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
+    _require_constant(w, bias)
+    y = aten.convolution.default(x.p, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+    def fc(X):
+        if X.dim() - 1 != x.p.dim():
+            X = align(X, x.p.dim())
+        if tuple(X.shape[2:]) != tuple(x.p.shape[1:]):
+            X = X.expand(X.shape[0], X.shape[1], *x.p.shape[1:])
+        n, b = X.shape[0], X.shape[1]
+        out = aten.convolution.default(
+            X.reshape(n * b, *X.shape[2:]), w, None, stride, padding, dilation, transposed, output_padding, groups
+        )
+        return out.reshape(n, b, *out.shape[1:])
+
+    return Jet(y, [None if X is None else fc(X) for X in x.c])
+
+
+# ============================================================================ shape ops
+
+
+@rule(aten.t.default)
+def _t(ctx, x):
+    if x.p.dim() < 2:
+        return Jet(x.p, list(x.c))
+    return linear(ctx, x, torch.t, lambda X: align(X, 2).transpose(1, 2))
+
+
+@rule(aten.transpose.int)
+def _transpose(ctx, x, d0, d1):
+    n = x.p.dim()
+    return linear(ctx, x, lambda p: p.transpose(d0, d1),
+                  lambda X: align(X, n).transpose(_dim(d0, n) + 1, _dim(d1, n) + 1))
+
+
+@rule(aten.permute.default)
+def _permute(ctx, x, dims):
+    n = x.p.dim()
+    return linear(ctx, x, lambda p: p.permute(dims),
+                  lambda X: align(X, n).permute(0, *[_dim(d, n) + 1 for d in dims]))
+
+
+def _view_coef(X: Tensor, pin: Tensor, shape) -> Tensor:
+    X = align(X, pin.dim())
+    n = X.shape[0]
+    if is_full(X, pin.shape):
+        return X.reshape(n, *shape)
+    # batch-broadcast coefficient: keep dim 0 broadcast when the view keeps the leading dim
+    if (
+        pin.dim() >= 1 and len(shape) >= 1 and X.shape[1] == 1 and shape[0] == pin.shape[0]
+        and tuple(X.shape[2:]) == tuple(pin.shape[1:])
+    ):
+        return X.reshape(n, 1, *shape[1:])
+    return full(X, pin.shape).reshape(n, *shape)
+
+
+@rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view(ctx, x, shape):
+    y = x.p.reshape(shape)
+    return Jet(y, [None if X is None else _view_coef(X, x.p, y.shape) for X in x.c])
+
+
+@rule(aten.expand.default)
+def _expand(ctx, x, size, implicit=False):
+    y = x.p.expand(size)
+    return Jet(y, [None if X is None else align(X, y.dim()) for X in x.c])
+
+
+@rule(aten.unsqueeze.default)
+def _unsqueeze(ctx, x, d):
+    y = x.p.unsqueeze(d)
+    dd = _dim(d, y.dim())
+    return Jet(y, [None if X is None else align(X, x.p.dim()).unsqueeze(dd + 1) for X in x.c])
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(ctx, x, dims=None):
+    n = x.p.dim()
+    if dims is None:
+        dims = [i for i in range(n) if x.p.shape[i] == 1]
+    elif isinstance(dims, int):
+        dims = [dims]
+    dims = [_dim(d, n) for d in dims if x.p.shape[_dim(d, n)] == 1]
+    y = x.p.squeeze(tuple(dims)) if dims else x.p
+    return Jet(y, [None if X is None else (align(X, n).squeeze(tuple(d + 1 for d in dims)) if dims else X)
+                   for X in x.c])
+
+
+@rule(aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default)
+def _identity(ctx, x, **kwargs):
+    return Jet(x.p.clone() if kwargs else x.p, list(x.c))
+
+
+@rule(aten._to_copy.default)
+def _to_copy(ctx, x, **kwargs):
+    y = aten._to_copy.default(x.p, **kwargs)
+    if not y.is_floating_point():
+        return y
+    return Jet(y, [None if X is None else X.to(dtype=y.dtype, device=y.device) for X in x.c])
+
+
+@rule(aten.detach.default)
+def _detach(ctx, x):
+    return x.p.detach()
+
+
+@rule(aten.slice.Tensor)
+def _slice(ctx, x, dim=0, start=None, end=None, step=1):
+    n = x.p.dim()
+    d = _dim(dim, n)
+    y = aten.slice.Tensor(x.p, d, start, end, step)
+
+    def fc(X):
+        X = align(X, n)
+        if X.shape[d + 1] == 1 and x.p.shape[d] != 1:
+            return X  # broadcast along d: every slice is the same
+        return aten.slice.Tensor(X, d + 1, start, end, step)
+
+    return Jet(y, [None if X is None else fc(X) for X in x.c])
+
+
+@rule(aten.select.int)
+def _select(ctx, x, dim, index):
+    n = x.p.dim()
+    d = _dim(dim, n)
+    y = x.p.select(d, index)
+
+    def fc(X):
+        X = align(X, n)
+        return X.select(d + 1, 0 if (X.shape[d + 1] == 1 and x.p.shape[d] != 1) else index)
+
+    return Jet(y, [None if X is None else fc(X) for X in x.c])
+
+
+@rule(aten.index_select.default)
+def _index_select(ctx, x, dim, index):
+    _require_constant(index)
+    n = x.p.dim()
+    d = _dim(dim, n)
+    y = x.p.index_select(d, index)
+    return Jet(y, [None if X is None else full(X, x.p.shape).index_select(d + 1, index) for X in x.c])
+
+
+@rule(aten.constant_pad_nd.default)
+def _pad(ctx, x, pad, value=0):
+    y = aten.constant_pad_nd.default(x.p, pad, value)
+    return Jet(y, [None if X is None else aten.constant_pad_nd.default(full(X, x.p.shape), pad, 0.0)
+                   for X in x.c])
+
+
+def _coef_list(ctx, xs, k):
+    """Full-shape order-k coefficients of a list of jets/tensors (zeros where absent), or None."""
+    if all(not isinstance(a, Jet) or a.c[k] is None for a in xs):
+        return None
+    rows = ctx.plan.orders[k].nrows
+    out = []
+    for a in xs:
+        p = P(a)
+        if isinstance(a, Jet) and a.c[k] is not None:
+            out.append(full(a.c[k], p.shape))
+        else:
+            out.append(p.new_zeros((rows, *p.shape)))
+    return out
+
+
+@rule(aten.cat.default)
+def _cat(ctx, xs, dim=0):
+    ps = [P(a) for a in xs]
+    y = torch.cat(ps, dim)
+    d = _dim(dim, y.dim())
+    out = []
+    for k in range(ctx.K):
+        cs = _coef_list(ctx, [a for a, p in zip(xs, ps) if p.numel() > 0 or p.dim() == y.dim()], k)
+        out.append(None if cs is None else torch.cat(cs, d + 1))
+    return Jet(y, out)
+
+
+@rule(aten.stack.default)
+def _stack(ctx, xs, dim=0):
+    y = torch.stack([P(a) for a in xs], dim)
+    d = _dim(dim, y.dim())
+    out = []
+    for k in range(ctx.K):
+        cs = _coef_list(ctx, xs, k)
+        out.append(None if cs is None else torch.stack(cs, d + 1))
+    return Jet(y, out)
+
+
+def _split_like(ctx, x, parts: list[Tensor], fc_split):
+    coefs = [None if X is None else fc_split(full(X, x.p.shape)) for X in x.c]
+    return [Jet(p, [None if c is None else c[i] for c in coefs]) for i, p in enumerate(parts)]
+
+
+@rule(aten.split.Tensor)
+def _split(ctx, x, size, dim=0):
+    d = _dim(dim, x.p.dim())
+    return _split_like(ctx, x, list(torch.split(x.p, size, d)), lambda X: torch.split(X, size, d + 1))
+
+
+@rule(aten.split_with_sizes.default)
+def _split_sizes(ctx, x, sizes, dim=0):
+    d = _dim(dim, x.p.dim())
+    return _split_like(ctx, x, list(torch.split(x.p, sizes, d)), lambda X: torch.split(X, sizes, d + 1))
+
+
+@rule(aten.unbind.int)
+def _unbind(ctx, x, dim=0):
+    d = _dim(dim, x.p.dim())
+    return _split_like(ctx, x, list(torch.unbind(x.p, d)), lambda X: torch.unbind(X, d + 1))
+
+
+# ============================================================================ reductions
+
+
+def _reduce_dims(x: Jet, dims) -> list[int]:
+    n = x.p.dim()
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(n))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted({_dim(d, n) for d in dims})
+
+
+def _sum_coef(X: Tensor, x: Jet, dims: list[int], keepdim: bool) -> Tensor:
+    X = align(X, x.p.dim())
+    if any(X.shape[d + 1] != x.p.shape[d] for d in dims):
+        X = full(X, x.p.shape)
+    if not dims:
+        return X
+    return X.sum([d + 1 for d in dims], keepdim=keepdim)
+
+
+@rule(aten.sum.dim_IntList, aten.sum.default)
+def _sum(ctx, x, dims=None, keepdim=False, dtype=None):
+    ds = _reduce_dims(x, dims)
+    y = x.p.sum(ds, keepdim=keepdim, dtype=dtype) if ds else x.p.sum(dtype=dtype)
+    return Jet(y, [None if X is None else _sum_coef(X, x, ds, keepdim) for X in x.c])
+
+
+@rule(aten.mean.dim, aten.mean.default)
+def _mean(ctx, x, dims=None, keepdim=False, dtype=None):
+    ds = _reduce_dims(x, dims)
+    count = 1
+    for d in ds:
+        count *= x.p.shape[d]
+    s = _sum(ctx, x, ds, keepdim, dtype)
+    return scale(ctx, s, 1.0 / count, s.p / count)
+
+
+@rule(aten.var.correction)
+def _var(ctx, x, dims=None, correction=None, keepdim=False):
+    ds = _reduce_dims(x, dims)
+    count = 1
+    for d in ds:
+        count *= x.p.shape[d]
+    corr = 1 if correction is None else correction
+    m = _mean(ctx, x, ds, True)
+    xc = add(ctx, x, m, x.p - m.p, -1)
+    sq = product(ctx, xc, xc, torch.mul)
+    s = _sum(ctx, sq, ds, keepdim)
+    return scale(ctx, s, 1.0 / max(count - corr, 0), s.p / max(count - corr, 0))
+
+
+# ============================================================================ normalization & softmax
+
+
+@rule(aten.native_layer_norm.default)
+def _layer_norm(ctx, x, normalized_shape, weight, bias, eps):
+    _require_constant(weight, bias)
+    x = as_jet(ctx, x)
+    ds = list(range(x.p.dim() - len(normalized_shape), x.p.dim()))
+    m = _mean(ctx, x, ds, True)
+    xc = add(ctx, x, m, x.p - m.p, -1)
+    v = _mean(ctx, product(ctx, xc, xc, torch.mul), ds, True)
+    ve = Jet(v.p + eps, v.c)
+    rstd = _unary_apply(ctx, ve, torch.rsqrt(ve.p), D.rsqrt_derivs)
+    out = product(ctx, xc, rstd, torch.mul)
+    if weight is not None:
+        out = scale(ctx, out, weight, out.p * weight)
+    if bias is not None:
+        out = Jet(out.p + bias, out.c)
+    return out, m, rstd
+
+
+@rule(aten._softmax.default)
+def _softmax(ctx, x, dim, half_to_float=False):
+    d = _dim(dim, x.p.dim())
+    shift = x.p.amax(d, keepdim=True).detach()
+    e = _unary_apply(ctx, Jet(x.p - shift, x.c), torch.exp(x.p - shift), D.exp_derivs)
+    s = _sum(ctx, e, [d], True)
+    return product(ctx, e, _reciprocal(ctx, s), torch.mul)
+
+
+@rule(aten._log_softmax.default)
+def _log_softmax(ctx, x, dim, half_to_float=False):
+    d = _dim(dim, x.p.dim())
+    shift = x.p.amax(d, keepdim=True).detach()
+    e = _unary_apply(ctx, Jet(x.p - shift, x.c), torch.exp(x.p - shift), D.exp_derivs)
+    s = _sum(ctx, e, [d], True)
+    ls = _unary_apply(ctx, s, torch.log(s.p), D.log_derivs_shift(0.0))
+    return add(ctx, Jet(x.p - shift, x.c), ls, x.p - shift - ls.p, -1)
+
+
+@rule(aten.logsumexp.default)
+def _logsumexp(ctx, x, dims, keepdim=False):
+    ds = _reduce_dims(x, dims)
+    shift = x.p.amax(ds, keepdim=True).detach()
+    e = _unary_apply(ctx, Jet(x.p - shift, x.c), torch.exp(x.p - shift), D.exp_derivs)
+    s = _sum(ctx, e, ds, True)
+    ls = _unary_apply(ctx, s, torch.log(s.p), D.log_derivs_shift(0.0))
+    out = Jet(ls.p + shift, ls.c)
+    if not keepdim:
+        out = _squeeze(ctx, out, ds)
+    return out
+
+
+@rule(aten._native_batch_norm_legit_no_training.default)
+def _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+    _require_constant(weight, bias, running_mean, running_var)
+    shape = [1, -1] + [1] * (x.p.dim() - 2)
+    s = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        s = s * weight
+    s = s.reshape(shape)
+    y = (x.p - running_mean.reshape(shape)) * s
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    empty = x.p.new_zeros((0,))
+    return scale(ctx, x, s, y), empty, empty
