@@ -8,6 +8,7 @@ from itertools import combinations_with_replacement
 import torch
 from torch import Tensor
 
+from ._capture import TraceError
 from ._core import (
     check_output,
     in_shape,
@@ -16,6 +17,7 @@ from ._core import (
     taylor,
     validate,
 )
+from ._engine import output_shape
 
 __all__ = [
     "choose_method",
@@ -53,14 +55,21 @@ def choose_method(kind: str, n_in: int, n_out: int) -> str:
     return "forward"
 
 
-def _resolve(kind, method, x, batched, f):
+def _out_size(f, x: Tensor, batched: bool, fname: str) -> int:
+    """Per-sample output size of ``f``, read off the traced graph (``f`` itself is not run)."""
+    try:
+        shape = output_shape(f, x, batched, fname)
+    except TraceError:
+        return 1  # untraceable f: the torch.func fallback is used whatever the method
+    if shape is None:
+        return 1
+    return numel(shape[1:] if batched else shape)
+
+
+def _resolve(kind, method, x, batched, f, fname):
     if method != "auto":
         return method
-    n_in = numel(in_shape(x, batched))
-    with torch.no_grad():
-        y = f(x[:1]) if batched and x.shape[0] > 1 else f(x)
-    n_out = numel(y.shape[1:] if batched else y.shape) if isinstance(y, Tensor) else 1
-    return choose_method(kind, n_in, n_out)
+    return choose_method(kind, numel(in_shape(x, batched)), _out_size(f, x, batched, fname))
 
 
 # ----------------------------------------------------------------------------- reverse paths
@@ -69,6 +78,10 @@ def _resolve(kind, method, x, batched, f):
 def _jacobian_reverse(fname, f, x, batched, chunk_size):
     if not batched:
         return torch.func.jacrev(f, chunk_size=chunk_size)(x)
+    try:
+        output_shape(f, x, batched, fname)  # traces f once and checks that rows do not interact
+    except TraceError:
+        return torch.func.vmap(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size))(x)
     y, vjp_fn = torch.func.vjp(f, x)
     check_output(fname, y, x, batched)
     out = tuple(y.shape[1:])
@@ -79,6 +92,11 @@ def _jacobian_reverse(fname, f, x, batched, chunk_size):
 
 
 def _hessian_reverse(fname, f, x, batched, chunk_size):
+    if batched:
+        try:
+            output_shape(f, x, batched, fname)  # rows must not interact for per-sample Hessians
+        except TraceError:
+            pass
     g = per_sample(f, batched)
     H = torch.func.jacfwd(torch.func.jacrev(g, chunk_size=chunk_size))
     return torch.func.vmap(H)(x) if batched else H(x)
@@ -114,7 +132,7 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
     """
     fname = "jacobian"
     validate(fname, f, x, batched, method, chunk_size)
-    if _resolve("jacobian", method, x, batched, f) == "reverse":
+    if _resolve("jacobian", method, x, batched, f, fname) == "reverse":
         return _jacobian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
@@ -167,7 +185,7 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
     """
     fname = "hessian"
     validate(fname, f, x, batched, method, chunk_size)
-    if _resolve("hessian", method, x, batched, f) == "reverse":
+    if _resolve("hessian", method, x, batched, f, fname) == "reverse":
         return _hessian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
@@ -253,7 +271,7 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
         lead = H.shape[: H.dim() - 2 * len(in_shape(x, batched))]
         H = H.reshape(*lead, n, n)
         return sum(w * H[..., a, b] for (a, b), w in combo)
-    y, _, sums = taylor(fname, f, x, [], [combo], batched, chunk_size)
+    y, _, sums = taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False)
     return sums[0]
 
 
@@ -294,7 +312,7 @@ def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] 
         raise ValueError(f"{fname}: dims has duplicates: {dd}")
     combo = [((i, i, i, i), 1.0) for i in dd]
     combo += [((i, i, j, j), 2.0) for a, i in enumerate(dd) for j in dd[a + 1 :]]
-    _, _, sums = taylor(fname, f, x, [], [combo], batched, chunk_size)
+    _, _, sums = taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False)
     return sums[0]
 
 
@@ -364,5 +382,5 @@ def partials(f: Callable[[Tensor], Tensor], x: Tensor, spec, *, coords=None, bat
     entries = _parse_spec(fname, spec, coords, n)
     if not entries:
         return {}
-    _, parts, _ = taylor(fname, f, x, [a for _, a in entries], [], batched, chunk_size)
+    _, parts, _ = taylor(fname, f, x, [a for _, a in entries], [], batched, chunk_size, stacked=False)
     return {key: parts[i] for i, (key, _) in enumerate(entries)}

@@ -30,6 +30,7 @@ class TraceError(RuntimeError):
 class Captured:
     gm: fx.GraphModule
     constants: list[torch.Tensor]  # the tensors fed to placeholders 1.. at call time
+    out_val: object = None  # fake value of the output (shape and dtype of f(x))
 
 
 def _decompositions_for(gm: fx.GraphModule) -> dict:
@@ -52,7 +53,9 @@ def capture(f, x: torch.Tensor) -> Captured:
             table = _decompositions_for(gm)
             if not table:
                 break
-            gm = make_fx(gm, decomposition_table=table, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+            with torch.no_grad():  # already ATen-level: grad mode no longer changes what is recorded
+                gm = make_fx(gm, decomposition_table=table, tracing_mode="fake",
+                             _allow_non_fake_inputs=True)(fake_x)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not a static graph"
         raise TraceError(f"{type(e).__name__}: {e}") from e
     gm.graph.eliminate_dead_code()
@@ -171,7 +174,10 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             bd[n] = 0
         elif name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
                       "batch_norm"):
-            fail(n, "batch normalization in training mode uses batch statistics")
+            training = args[5] if name == "native_batch_norm" else True
+            if training:
+                fail(n, "batch normalization in training mode uses batch statistics")
+            bd[n] = 0
         elif name in ("t", "transpose", "permute"):
             p = bd[ins[0]]
             nd = _val(ins[0]).dim()
@@ -190,7 +196,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             p = bd[ins[0]]
             iv = _val(ins[0])
             if name in ("view", "_unsafe_view", "reshape"):
-                bd[n] = _view_batch(iv.shape, o0.shape, p)
+                bd[n] = _view_batch(iv.shape, o0.shape, p, B)
                 if bd[n] is None:
                     fail(n, "a view merges the batch dimension with another in a way rows cannot survive")
             elif name == "unsqueeze":
@@ -269,19 +275,16 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 fail(n, "torchderiv does not know how this op treats the batch dimension")
 
 
-def _view_batch(ishape, oshape, p):
-    """Where the batch dim lands after a view, if it survives as the leading factor of one dim."""
+def _view_batch(ishape, oshape, p, B):
+    """Where the batch dim lands after a view. The batch index is always the slowest-varying factor of
+    its dim; it survives a view when some output dim has the same prefix and a size divisible by B."""
     pre = 1
     for s in ishape[:p]:
         pre *= s
     acc = 1
     for j, s in enumerate(oshape):
-        if acc == pre:
-            if s == ishape[p]:
-                return j
-            if s % ishape[p] == 0:
-                return j  # batch merged with the dims after it: rows stay contiguous blocks
-            return None
+        if acc == pre and s % B == 0:
+            return j
         acc *= s
         if acc > pre:
             return None

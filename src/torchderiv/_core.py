@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -72,83 +73,91 @@ def _probe_output(fname: str, f, x: Tensor, batched: bool):
 # ----------------------------------------------------------------------------- forward Taylor path
 
 
-def _remap(items: Sequence[MultiIndex], combos: Sequence[Combo]):
+@lru_cache(maxsize=256)
+def _plan_for(items: tuple, combos: tuple):
+    """Remap input coordinates to direction indices and build the plan (cached: plans are pure)."""
     coords = sorted({i for a in items for i in a} | {i for c in combos for a, _ in c for i in a})
     pos = {c: r for r, c in enumerate(coords)}
     ind = [tuple(sorted(pos[i] for i in a)) for a in items]
     cmb = [[(tuple(sorted(pos[i] for i in a)), w) for a, w in c] for c in combos]
-    return coords, ind, cmb
+    plan = Plan(len(coords), [a for a in ind if a], cmb)
+    # where each requested item / combo lives in the graph outputs: (order, row)
+    where_items = [(len(a), plan.position(a) if a else 0) for a in ind]
+    where_combos = []
+    for combo in cmb:
+        k = len(combo[0][0])
+        op = plan.orders[k - 1]
+        where_combos.append((k, len(op.individual) + op.combos.index(combo)))
+    # fast path: the items are exactly the stored rows of one order, in order
+    whole = None
+    orders = {k for k, _ in where_items}
+    if len(orders) == 1 and 0 not in orders:
+        k = orders.pop()
+        if [r for _, r in where_items] == list(range(len(plan.orders[k - 1].individual))):
+            whole = k
+    return coords, plan, where_items, where_combos, whole
 
 
 def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo],
-           batched: bool, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+           batched: bool, chunk_size: int | None = None, stacked: bool = True):
     """Run the forward Taylor path.
 
     Returns ``(y, parts, sums)``: ``parts[i]`` is the partial derivative for ``items[i]`` (multi-indices
-    of input coordinates, shape ``[len(items), *y.shape]``), ``sums[c]`` the collapsed combination
-    ``combos[c]``. ``()`` in items is the value itself.
+    of input coordinates; ``()`` is the value itself), ``sums[c]`` the collapsed combination ``combos[c]``.
+    With ``stacked`` they are tensors ``[len, *y.shape]``, otherwise lists of ``y``-shaped tensors.
     """
-    items = [tuple(sorted(a)) for a in items]
+    items = tuple(tuple(sorted(a)) for a in items)
+    combos = tuple(tuple((tuple(a), float(w)) for a, w in c) for c in combos)
     if chunk_size is not None and (len(items) > chunk_size or any(len(c) > chunk_size for c in combos)):
-        return _chunked(fname, f, x, items, combos, batched, chunk_size)
-    coords, ind, cmb = _remap(items, combos)
-    plan = Plan(len(coords), [a for a in ind if a], cmb)
+        return _chunked(fname, f, x, items, combos, batched, chunk_size, stacked)
+    coords, plan, where_items, where_combos, whole = _plan_for(items, combos)
     try:
         entry = derivative_graph(f, x, plan, coords, batched, fname)
     except TraceError as e:
-        return _traced_fallback(fname, f, x, items, combos, batched, e)
+        y, parts, sums = _traced_fallback(fname, f, x, items, combos, batched, e)
+        if not stacked:
+            parts = list(parts) if parts is not None else None
+            sums = list(sums) if sums is not None else None
+        return y, parts, sums
     out = run(entry, x)
     y = out[0]
     check_output(fname, y, x, batched)
     parts = None
     if items:
-        rows = []
-        for a in ind:
-            if not a:
-                rows.append(y.unsqueeze(0))
-                continue
-            X = out[len(a)]
-            rows.append(full(X[plan.position(a) : plan.position(a) + 1], y.shape))
-        parts = rows[0] if len(rows) == 1 else _stack_rows(rows, out, plan, ind, y)
+        if whole is not None and stacked:
+            parts = full(out[whole], y.shape)
+        else:
+            parts = [y if k == 0 else _row(out[k], r, y) for k, r in where_items]
+            if stacked:
+                parts = torch.stack(parts)
     sums = None
     if combos:
-        rows = []
-        for combo in cmb:
-            k = len(combo[0][0])
-            op = plan.orders[k - 1]
-            r = len(op.individual) + op.combos.index(combo)
-            rows.append(full(out[k][r : r + 1], y.shape))
-        sums = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+        sums = [_row(out[k], r, y) for k, r in where_combos]
+        if stacked:
+            sums = torch.stack(sums)
     return y, parts, sums
 
 
-def _stack_rows(rows, out, plan, ind, y):
-    # fast path: all items are the whole of one order, in stored order (jacobian, hessian, ...)
-    orders = {len(a) for a in ind}
-    if len(orders) == 1 and 0 not in orders:
-        k = orders.pop()
-        pos = [plan.position(a) for a in ind]
-        X = out[k]
-        if pos == list(range(X.shape[0])):
-            return full(X, y.shape)
-        return full(X, y.shape).index_select(0, torch.tensor(pos, device=X.device))
-    return torch.cat(rows, 0)
+def _row(X: Tensor, r: int, y: Tensor) -> Tensor:
+    return full(X[r : r + 1], y.shape)[0]
 
 
-def _chunked(fname, f, x, items, combos, batched, chunk_size):
+def _chunked(fname, f, x, items, combos, batched, chunk_size, stacked):
     y = None
     parts = []
     for s in range(0, len(items), chunk_size):
-        y, p, _ = taylor(fname, f, x, items[s : s + chunk_size], [], batched, None)
-        parts.append(p)
+        y, p, _ = taylor(fname, f, x, items[s : s + chunk_size], [], batched, None, stacked=False)
+        parts.extend(p)
     sums = []
     for combo in combos:
         acc = None
         for s in range(0, len(combo), chunk_size):
-            y, _, c = taylor(fname, f, x, [], [combo[s : s + chunk_size]], batched, None)
-            acc = c if acc is None else acc + c
+            y, _, c = taylor(fname, f, x, [], [combo[s : s + chunk_size]], batched, None, stacked=False)
+            acc = c[0] if acc is None else acc + c[0]
         sums.append(acc)
-    return (y, torch.cat(parts, 0) if parts else None, torch.cat(sums, 0) if sums else None)
+    if stacked:
+        return y, torch.stack(parts) if parts else None, torch.stack(sums) if sums else None
+    return y, parts or None, sums or None
 
 
 # ----------------------------------------------------------------------------- torch.func paths

@@ -154,6 +154,24 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
 class Entry:
     gm: fx.GraphModule
     constants: list[torch.Tensor]
+    # for nn.Module f: (owner dict, name, tensor) of every constant that is a parameter or buffer, so a
+    # parameter object replaced after tracing (not just updated in place) is noticed
+    owners: list = None
+
+    def fresh(self) -> bool:
+        return all(d.get(name) is t for d, name, t in self.owners or ())
+
+
+def _owners_of(f, constants: list[torch.Tensor]) -> list:
+    if not isinstance(f, torch.nn.Module):
+        return []
+    where = {}
+    for m in f.modules():
+        for d in (m._parameters, m._buffers):
+            for name, t in d.items():
+                if t is not None:
+                    where.setdefault(id(t), (d, name, t))
+    return [where[id(c)] for c in constants if id(c) in where]
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -193,22 +211,43 @@ def clear_cache() -> None:
     _STRONG_FALLBACK.clear()
 
 
+def _mode(f):
+    return f.training if isinstance(f, torch.nn.Module) else None
+
+
+def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Captured:
+    """The captured graph of ``f`` at inputs shaped like ``x`` (cached; batch independence checked once)."""
+    slot = _slot(f)
+    key = ("capture", tuple(x.shape), x.dtype, x.device, batched, _mode(f))
+    e = slot.get(key)
+    if e is not None and e[1].fresh():
+        return e[0]
+    cap = capture(f, x)
+    out = next(n for n in cap.gm.graph.nodes if n.op == "output").args[0]
+    cap.out_val = out.meta.get("val") if isinstance(out, fx.Node) else None
+    if batched:
+        check_batch_independence(cap, fname)
+    slot[key] = (cap, Entry(gm=None, constants=cap.constants, owners=_owners_of(f, cap.constants)))
+    return cap
+
+
+def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
+    """Shape of ``f(x)`` from the traced graph (``f`` is not run)."""
+    v = captured(f, x, batched, fname).out_val
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
                      fname: str) -> Entry:
     slot = _slot(f)
-    ids = ()
-    if isinstance(f, torch.nn.Module):
-        ids = (f.training, tuple(id(p) for p in f.parameters()))
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, ids)
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f))
     e = slot.get(key)
-    if e is not None:
+    if e is not None and e.fresh():
         slot.move_to_end(key)
         return e
-    cap = capture(f, x)
-    if batched:
-        check_batch_independence(cap, fname)
+    cap = captured(f, x, batched, fname)
     gm = build(cap, plan, dirs, x, batched)
-    e = Entry(gm=gm, constants=cap.constants)
+    e = Entry(gm=gm, constants=cap.constants, owners=_owners_of(f, cap.constants))
     slot[key] = e
     while len(slot) > _PER_F:
         slot.popitem(last=False)

@@ -582,6 +582,13 @@ def _logsumexp(ctx, x, dims, keepdim=False):
     return out
 
 
+@rule(aten.native_batch_norm.default)
+def _bn(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    if training or running_mean is None:
+        raise Unsupported("batch norm with batch statistics")
+    return _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps)
+
+
 @rule(aten._native_batch_norm_legit_no_training.default)
 def _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
     _require_constant(weight, bias, running_mean, running_var)
