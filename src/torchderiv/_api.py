@@ -17,7 +17,7 @@ from ._core import (
     taylor,
     validate,
 )
-from ._engine import output_shape
+from ._engine import fast_call, output_shape
 
 __all__ = [
     "choose_method",
@@ -70,6 +70,12 @@ def _resolve(kind, method, x, batched, f, fname):
     if method != "auto":
         return method
     return choose_method(kind, numel(in_shape(x, batched)), _out_size(f, x, batched, fname))
+
+
+def _fast_key(fname, x, batched, method, chunk_size, extra=None):
+    if type(x) is not Tensor and not isinstance(x, Tensor):
+        return None
+    return (fname, x.shape, x.dtype, x.device, batched, method, chunk_size, extra)
 
 
 # ----------------------------------------------------------------------------- reverse paths
@@ -131,13 +137,17 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         torch.Size([10, 4, 1])
     """
     fname = "jacobian"
+    key = _fast_key(fname, x, batched, method, chunk_size)
+    r = fast_call(f, key, x) if key is not None else None
+    if r is not None:
+        return r
     validate(fname, f, x, batched, method, chunk_size)
     if _resolve("jacobian", method, x, batched, f, fname) == "reverse":
         return _jacobian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
-    y, parts, _ = taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size)
-    return parts.movedim(0, -1).reshape(*y.shape, *ins)
+    return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
+                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape(*y.shape, *ins), fast_key=key)
 
 
 def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
@@ -184,17 +194,24 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
                 [0., 6.]])
     """
     fname = "hessian"
+    key = _fast_key(fname, x, batched, method, chunk_size)
+    r = fast_call(f, key, x) if key is not None else None
+    if r is not None:
+        return r
     validate(fname, f, x, batched, method, chunk_size)
     if _resolve("hessian", method, x, batched, f, fname) == "reverse":
         return _hessian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
     pairs = list(combinations_with_replacement(range(n), 2))
-    y, parts, _ = taylor(fname, f, x, pairs, [], batched, chunk_size)
     pos = {p: r for r, p in enumerate(pairs)}
     idx = torch.tensor([pos[(min(i, j), max(i, j))] for i in range(n) for j in range(n)], device=x.device)
-    H = parts.index_select(0, idx)  # [n*n, *y]
-    return H.movedim(0, -1).reshape(*y.shape, *ins, *ins)
+
+    def assemble(y, parts, _):
+        H = parts.index_select(0, idx)  # [n*n, *y]
+        return H.movedim(0, -1).reshape(*y.shape, *ins, *ins)
+
+    return taylor(fname, f, x, pairs, [], batched, chunk_size, assemble=assemble, fast_key=key)
 
 
 def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
@@ -214,8 +231,8 @@ def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool 
         H = _hessian_reverse(fname, f, x, batched, chunk_size)
         lead = H.shape[: H.dim() - 2 * len(ins)]
         return H.reshape(*lead, n, n).diagonal(dim1=-2, dim2=-1).reshape(*lead, *ins)
-    y, parts, _ = taylor(fname, f, x, [(i, i) for i in range(n)], [], batched, chunk_size)
-    return parts.movedim(0, -1).reshape(*y.shape, *ins)
+    return taylor(fname, f, x, [(i, i) for i in range(n)], [], batched, chunk_size,
+                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape(*y.shape, *ins))
 
 
 def _laplace_combo(fname, n, dims, weights, device=None):
@@ -263,6 +280,11 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
         tensor([6., 6., 6., 6.])
     """
     fname = "laplacian"
+    wkey = None if weights is not None else ()
+    key = _fast_key(fname, x, batched, method, chunk_size, (tuple(dims) if dims is not None else None, wkey))
+    r = fast_call(f, key, x) if key is not None and wkey is not None else None
+    if r is not None:
+        return r
     validate(fname, f, x, batched, method, chunk_size)
     n = numel(in_shape(x, batched))
     combo = _laplace_combo(fname, n, dims, weights)
@@ -271,8 +293,8 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
         lead = H.shape[: H.dim() - 2 * len(in_shape(x, batched))]
         H = H.reshape(*lead, n, n)
         return sum(w * H[..., a, b] for (a, b), w in combo)
-    y, _, sums = taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False)
-    return sums[0]
+    return taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False,
+                  assemble=lambda y, _, sums: sums[0], fast_key=key if wkey is not None else None)
 
 
 def divergence(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
@@ -302,6 +324,10 @@ def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] 
         tensor([120., 120.])
     """
     fname = "biharmonic"
+    key = _fast_key(fname, x, batched, "forward", chunk_size, tuple(dims) if dims is not None else None)
+    r = fast_call(f, key, x) if key is not None else None
+    if r is not None:
+        return r
     validate(fname, f, x, batched, "forward", chunk_size)
     n = numel(in_shape(x, batched))
     dd = list(range(n)) if dims is None else list(dims)
@@ -312,8 +338,8 @@ def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] 
         raise ValueError(f"{fname}: dims has duplicates: {dd}")
     combo = [((i, i, i, i), 1.0) for i in dd]
     combo += [((i, i, j, j), 2.0) for a, i in enumerate(dd) for j in dd[a + 1 :]]
-    _, _, sums = taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False)
-    return sums[0]
+    return taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False,
+                  assemble=lambda y, _, sums: sums[0], fast_key=key)
 
 
 def _parse_spec(fname: str, spec, coords, n: int) -> list[tuple[object, tuple[int, ...]]]:
@@ -377,10 +403,20 @@ def partials(f: Callable[[Tensor], Tensor], x: Tensor, spec, *, coords=None, bat
         [0.0, -0.0, 0.0, -1.0]
     """
     fname = "partials"
+    try:
+        skey = (tuple(spec), coords if coords is None or isinstance(coords, str) else tuple(coords))
+        hash(skey)
+    except TypeError:
+        skey = None
+    key = _fast_key(fname, x, batched, "forward", chunk_size, skey) if skey is not None else None
+    r = fast_call(f, key, x) if key is not None else None
+    if r is not None:
+        return r
     validate(fname, f, x, batched, "forward", chunk_size)
     n = numel(in_shape(x, batched))
     entries = _parse_spec(fname, spec, coords, n)
     if not entries:
         return {}
-    _, parts, _ = taylor(fname, f, x, [a for _, a in entries], [], batched, chunk_size, stacked=False)
-    return {key: parts[i] for i, (key, _) in enumerate(entries)}
+    keys = [k for k, _ in entries]
+    return taylor(fname, f, x, [a for _, a in entries], [], batched, chunk_size, stacked=False,
+                  assemble=lambda y, parts, _: dict(zip(keys, parts)), fast_key=key)

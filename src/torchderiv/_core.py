@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._capture import TraceError
-from ._engine import derivative_graph, run
+from ._engine import derivative_graph, register_fast
 from ._jet import full
 from ._plan import MultiIndex, Plan
 
@@ -99,17 +99,22 @@ def _plan_for(items: tuple, combos: tuple):
 
 
 def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo],
-           batched: bool, chunk_size: int | None = None, stacked: bool = True):
+           batched: bool, chunk_size: int | None = None, stacked: bool = True, assemble=None, fast_key=None):
     """Run the forward Taylor path.
 
     Returns ``(y, parts, sums)``: ``parts[i]`` is the partial derivative for ``items[i]`` (multi-indices
     of input coordinates; ``()`` is the value itself), ``sums[c]`` the collapsed combination ``combos[c]``.
     With ``stacked`` they are tensors ``[len, *y.shape]``, otherwise lists of ``y``-shaped tensors.
+
+    With ``assemble``, returns ``assemble(y, parts, sums)`` instead, and when the result came from one
+    generated graph, registers that whole call path under ``fast_key`` so that later identical calls
+    skip validation, planning and cache lookups (see :func:`fast_call`).
     """
+    assemble = assemble or (lambda *r: r)
     items = tuple(tuple(sorted(a)) for a in items)
     combos = tuple(tuple((tuple(a), float(w)) for a, w in c) for c in combos)
     if chunk_size is not None and (len(items) > chunk_size or any(len(c) > chunk_size for c in combos)):
-        return _chunked(fname, f, x, items, combos, batched, chunk_size, stacked)
+        return assemble(*_chunked(fname, f, x, items, combos, batched, chunk_size, stacked))
     coords, plan, where_items, where_combos, whole = _plan_for(items, combos)
     try:
         entry = derivative_graph(f, x, plan, coords, batched, fname)
@@ -118,24 +123,32 @@ def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], comb
         if not stacked:
             parts = list(parts) if parts is not None else None
             sums = list(sums) if sums is not None else None
-        return y, parts, sums
-    out = run(entry, x)
-    y = out[0]
-    check_output(fname, y, x, batched)
-    parts = None
-    if items:
-        if whole is not None and stacked:
-            parts = full(out[whole], y.shape)
-        else:
-            parts = [y if k == 0 else _row(out[k], r, y) for k, r in where_items]
+        return assemble(y, parts, sums)
+    gm, consts = entry.gm, entry.constants
+
+    def extract(x):
+        out = gm(x, *consts)
+        y = out[0]
+        parts = None
+        if items:
+            if whole is not None and stacked:
+                parts = full(out[whole], y.shape)
+            else:
+                parts = [y if k == 0 else _row(out[k], r, y) for k, r in where_items]
+                if stacked:
+                    parts = torch.stack(parts)
+        sums = None
+        if combos:
+            sums = [_row(out[k], r, y) for k, r in where_combos]
             if stacked:
-                parts = torch.stack(parts)
-    sums = None
-    if combos:
-        sums = [_row(out[k], r, y) for k, r in where_combos]
-        if stacked:
-            sums = torch.stack(sums)
-    return y, parts, sums
+                sums = torch.stack(sums)
+        return y, parts, sums
+
+    res = extract(x)
+    check_output(fname, res[0], x, batched)
+    if fast_key is not None:
+        register_fast(f, fast_key, lambda x: assemble(*extract(x)), entry)
+    return assemble(*res)
 
 
 def _row(X: Tensor, r: int, y: Tensor) -> Tensor:
