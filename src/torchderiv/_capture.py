@@ -34,8 +34,10 @@ class Captured:
 
 
 def _decompositions_for(gm: fx.GraphModule) -> dict:
-    from torch._decomp import decomposition_table
+    """Core-ATen decompositions (into ops that stay ATen, never prims) of the ops that have no rule."""
+    from torch._decomp import core_aten_decompositions
 
+    decomposition_table = core_aten_decompositions()
     table = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
@@ -153,24 +155,30 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             return p
 
         args = n.args
-        if name in ("mm", "addmm"):
-            a_idx = 1 if name == "addmm" else 0
-            lhs, rhs = args[a_idx], args[a_idx + 1]
-            if bd.get(rhs) is not None or (bd.get(lhs) not in (None, 0)):
+        if name in ("mm", "addmm", "bmm", "baddbmm"):
+            off = 1 if name in ("addmm", "baddbmm") else 0
+            lhs, rhs = args[off], args[off + 1]
+            pa, pb = bd.get(lhs), bd.get(rhs)
+            nd = _val(lhs).dim()  # 2 for mm, 3 for bmm
+            if nd == 3 and pa in (None, 0) and pb in (None, 0):
+                bd[n] = 0  # batch of matrices along dim 0
+            elif pb is None and pa == nd - 2:
+                bd[n] = nd - 2  # batch along the rows of the left factor
+            elif pa is None and pb == nd - 1:
+                bd[n] = nd - 1  # batch along the columns of the right factor
+            else:
                 fail(n, "a matrix product contracts over the batch")
-            if name == "addmm" and bd.get(args[0]) is not None and _val(args[0]).dim() == 2:
-                pass
-            bd[n] = 0
-        elif name in ("bmm", "baddbmm", "convolution", "_native_batch_norm_legit_no_training",
+            if off and bd.get(args[0]) is not None:
+                bias = _val(args[0])
+                if o0.dim() - (bias.dim() - bd[args[0]]) != bd[n]:
+                    fail(n, "the added term carries the batch in another dimension")
+        elif name in ("convolution", "_native_batch_norm_legit_no_training",
                       "native_group_norm", "avg_pool2d", "max_pool2d_with_indices", "avg_pool1d",
                       "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "upsample_nearest2d",
-                      "upsample_bilinear2d"):
+                      "upsample_bilinear2d", "avg_pool3d", "_adaptive_avg_pool3d"):
             for a in ins:
                 if bd[a] != 0:
                     fail(n, "the batch dimension is not the leading one")
-            if name in ("bmm", "baddbmm"):
-                # batch of matrices: fine when batch is dim 0 of both operands
-                pass
             bd[n] = 0
         elif name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
                       "batch_norm"):
@@ -192,7 +200,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             bd[n] = perm.index(p)
         elif name in ("view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze", "clone",
                       "alias", "contiguous", "_to_copy", "detach", "lift_fresh_copy", "flatten",
-                      "constant_pad_nd", "roll", "flip", "repeat"):
+                      "constant_pad_nd", "roll", "repeat"):
             p = bd[ins[0]]
             iv = _val(ins[0])
             if name in ("view", "_unsafe_view", "reshape"):
@@ -210,7 +218,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 if p in padded:
                     fail(n, "padding along the batch dimension")
                 bd[n] = p
-            elif name in ("roll", "flip", "repeat"):
+            elif name in ("roll", "repeat"):
                 fail(n, f"{name} may move data between rows")
             else:
                 bd[n] = o0.dim() - (iv.dim() - p)
@@ -246,10 +254,13 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             bd[n] = ps.pop()
         elif name in ("sum", "mean", "amax", "amin", "var", "std", "prod", "logsumexp", "var_mean",
                       "argmax", "argmin", "max", "min", "norm", "linalg_vector_norm", "_softmax",
-                      "_log_softmax", "cumsum", "any", "all"):
+                      "_log_softmax", "cumsum", "any", "all", "flip"):
             p = bd[ins[0]]
             iv = _val(ins[0])
-            dims = args[1] if len(args) > 1 else n.kwargs.get("dim", None)
+            if name == "linalg_vector_norm":
+                dims = args[2] if len(args) > 2 else n.kwargs.get("dim", None)
+            else:
+                dims = args[1] if len(args) > 1 else n.kwargs.get("dim", None)
             if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
                 dims = list(range(iv.dim()))
             if isinstance(dims, int):
@@ -259,6 +270,26 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 fail(n, "a reduction over the batch dimension")
             keep = o0.dim() == iv.dim()
             bd[n] = p if keep else p - sum(1 for d in dims if d < p)
+        elif name in ("index", "gather"):
+            p = bd[ins[0]]
+            if name == "index":
+                idx = args[1]
+                if p >= len(idx) or idx[p] is not None or any(bd.get(i) is not None for i in idx if i is not None):
+                    pass_ok = False
+                else:
+                    pos = [i for i, t in enumerate(idx) if t is not None]
+                    pass_ok = pos == list(range(pos[0], pos[-1] + 1)) and (p < pos[0] or p > pos[-1])
+                    if pass_ok and p > pos[-1]:
+                        nd_idx = max(_val(idx[i]).dim() for i in pos)
+                        p = p - len(pos) + nd_idx
+                if not pass_ok or o0.shape[p] != B:
+                    fail(n, "indexing along the batch dimension")
+                bd[n] = p
+            else:
+                d = args[1] % _val(ins[0]).dim()
+                if d == p:
+                    fail(n, "gathering along the batch dimension")
+                bd[n] = p
         elif name == "native_layer_norm":
             p = bd[ins[0]]
             iv = _val(ins[0])

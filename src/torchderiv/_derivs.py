@@ -254,3 +254,102 @@ def elu_derivs(alpha: float, scale: float, input_scale: float) -> Derivs:
         return out
 
     return derivs
+
+
+def tan_derivs(x, y, K):
+    # g' = 1 + g^2  =>  g^(k+1) = (g^2)^(k) for k >= 1
+    g = [y, 1 + y * y]
+    for k in range(1, K):
+        g.append(_leibniz_square(g, k))
+    return g[1 : K + 1]
+
+
+def exp2_derivs(x, y, K):
+    ln2 = math.log(2.0)
+    return [y * ln2**k for k in range(1, K + 1)]
+
+
+def log_base_derivs(base: float):
+    inner = log_derivs_shift(0.0)
+    c = 1.0 / math.log(base)
+
+    def derivs(x, y, K):
+        return [c * g for g in inner(x, y, K)]
+
+    return derivs
+
+
+def erfc_derivs(x, y, K):
+    return [-g for g in erf_derivs(x, y, K)]
+
+
+def lgamma_derivs(x, y, K):
+    return [torch.special.polygamma(k - 1, x) if k > 1 else torch.special.digamma(x) for k in range(1, K + 1)]
+
+
+def digamma_derivs(x, y, K):
+    return [torch.special.polygamma(k, x) for k in range(1, K + 1)]
+
+
+def chain(first: Callable[[Tensor], Tensor], first_derivs: Callable[[Tensor, int], list]) -> Derivs:
+    """Derivatives of g from g' = h(x) when h is a composition whose jet is known: ``first_derivs(x, K-1)``
+    returns ``[h, h', ..., h^(K-1)]``."""
+
+    def derivs(x, y, K):
+        return first_derivs(x, K - 1)
+
+    return derivs
+
+
+def _pow_of_poly(x: Tensor, poly: list[float], p: float, K: int) -> list:
+    """[h, h', ..., h^(K)] for h = P(x)^p with a polynomial P (univariate Faa di Bruno via Bell polynomials)."""
+    u = [_poly_eval(poly, x)]
+    q = poly
+    for _ in range(K):
+        q = _poly_deriv(q)
+        u.append(_poly_eval(q, x))
+    # outer derivatives f^(m)(u0) for f(u) = u^p
+    f = []
+    coef = 1.0
+    for m in range(K + 1):
+        f.append(coef * torch.pow(u[0], p - m) if coef != 0 else 0.0)
+        coef *= p - m
+    out = [f[0]]
+    for k in range(1, K + 1):
+        total = 0.0
+        for m in range(1, k + 1):
+            total = total + f[m] * _bell(k, m, u[1:])
+        out.append(total)
+    return out
+
+
+def _bell(n: int, k: int, u: list):
+    """Partial Bell polynomial B_{n,k}(u1, u2, ...) (u[0] is the first derivative)."""
+    if n == 0 and k == 0:
+        return 1.0
+    if n == 0 or k == 0:
+        return 0.0
+    total = 0.0
+    for i in range(1, n - k + 2):
+        total = total + math.comb(n - 1, i - 1) * u[i - 1] * _bell(n - i, k - 1, u)
+    return total
+
+
+def asin_derivs(x, y, K):
+    return _pow_of_poly(x, [1.0, 0.0, -1.0], -0.5, K - 1)
+
+
+def acos_derivs(x, y, K):
+    return [-g for g in asin_derivs(x, y, K)]
+
+
+def asinh_derivs(x, y, K):
+    return _pow_of_poly(x, [1.0, 0.0, 1.0], -0.5, K - 1)
+
+
+def acosh_derivs(x, y, K):
+    return _pow_of_poly(x, [-1.0, 0.0, 1.0], -0.5, K - 1)
+
+
+def atanh_derivs(x, y, K):
+    return _pow_of_poly(x, [1.0, 0.0, -1.0], -1.0, K - 1)

@@ -79,6 +79,28 @@ def _fallback(ctx: Ctx, op, args, kwargs):
 # ----------------------------------------------------------------------------- interpretation
 
 
+def _functional(op):
+    """The out-of-place twin of an in-place ATen op (``add_`` -> ``add``), else the op itself."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return op
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return op
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    twin = getattr(packet, op._overloadname, None) if packet is not None else None
+    return twin if twin is not None else op
+
+
+def _no_rule(ctx: Ctx, op, args, kwargs):
+    """Ops without a rule: constants when they produce no floating-point tensor, else the fallback."""
+    primal = pytree.tree_map(lambda a: a.p if isinstance(a, Jet) else a, (args, kwargs))
+    y = op(*primal[0], **primal[1])
+    outs = [t for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
+    if not any(t.is_floating_point() or t.is_complex() for t in outs):
+        return y  # comparisons, argmax, integer index math: no derivative flows
+    return _fallback(ctx, op, args, kwargs)
+
+
 def _interpret(ctx: Ctx, gm: fx.GraphModule, inputs: list):
     env: dict = {}
     it = iter(inputs)
@@ -95,13 +117,16 @@ def _interpret(ctx: Ctx, gm: fx.GraphModule, inputs: list):
             if not has_jet:
                 env[n] = n.target(*args, **kwargs)
                 continue
-            r = RULES.get(n.target)
+            target = _functional(n.target)
+            r = RULES.get(target)
             try:
                 if r is None:
                     raise Unsupported("no rule")
                 env[n] = r(ctx, *args, **kwargs)
             except Unsupported:
-                env[n] = _fallback(ctx, n.target, args, kwargs)
+                env[n] = _no_rule(ctx, target, args, kwargs)
+            if target is not n.target and isinstance(n.args[0], fx.Node):
+                env[n.args[0]] = env[n]  # an in-place op: later readers of its input see the result
         elif n.op == "output":
             return pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args[0])
         else:  # pragma: no cover - capture removes get_attr / call_module

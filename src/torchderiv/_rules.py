@@ -68,6 +68,18 @@ _UNARY: dict = {
     aten.reciprocal.default: lambda *a, **k: D.reciprocal_derivs,
     aten.erf.default: lambda *a, **k: D.erf_derivs,
     aten.atan.default: lambda *a, **k: D.atan_derivs,
+    aten.tan.default: lambda *a, **k: D.tan_derivs,
+    aten.asin.default: lambda *a, **k: D.asin_derivs,
+    aten.acos.default: lambda *a, **k: D.acos_derivs,
+    aten.asinh.default: lambda *a, **k: D.asinh_derivs,
+    aten.acosh.default: lambda *a, **k: D.acosh_derivs,
+    aten.atanh.default: lambda *a, **k: D.atanh_derivs,
+    aten.exp2.default: lambda *a, **k: D.exp2_derivs,
+    aten.log2.default: lambda *a, **k: D.log_base_derivs(2.0),
+    aten.log10.default: lambda *a, **k: D.log_base_derivs(10.0),
+    aten.erfc.default: lambda *a, **k: D.erfc_derivs,
+    aten.lgamma.default: lambda *a, **k: D.lgamma_derivs,
+    aten.digamma.default: lambda *a, **k: D.digamma_derivs,
     aten.silu.default: lambda *a, **k: D.silu_derivs,
     aten.relu.default: lambda *a, **k: D.piecewise_linear(lambda x: (x > 0).to(x.dtype)),
     aten.abs.default: lambda *a, **k: D.piecewise_linear(torch.sign),
@@ -602,3 +614,132 @@ def _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
         y = y + bias.reshape(shape)
     empty = x.p.new_zeros((0,))
     return scale(ctx, x, s, y), empty, empty
+
+
+# ============================================================================ per-sample linear ops & selections
+
+
+def _batch_leading(op):
+    """Linear ops acting independently on dim 0 (pooling, upsampling): fold streams into dim 0."""
+
+    def r(ctx, x, *args, **kwargs):
+        _require_constant(*args, *kwargs.values())
+        y = op(x.p, *args, **kwargs)
+
+        def fc(X):
+            X = align(X, x.p.dim())
+            if tuple(X.shape[2:]) != tuple(x.p.shape[1:]):
+                X = X.expand(X.shape[0], X.shape[1], *x.p.shape[1:])
+            n, b = X.shape[0], X.shape[1]
+            out = op(X.reshape(n * b, *X.shape[2:]), *args, **kwargs)
+            return out.reshape(n, b, *out.shape[1:])
+
+        return Jet(y, [None if X is None else fc(X) for X in x.c])
+
+    return r
+
+
+for _op in (aten.avg_pool2d.default, aten.avg_pool3d.default, aten._adaptive_avg_pool2d.default,
+            aten._adaptive_avg_pool3d.default, aten.upsample_nearest2d.default, aten.upsample_bilinear2d.default):
+    RULES[_op] = _batch_leading(_op)
+
+
+@rule(aten.max_pool2d_with_indices.default)
+def _max_pool2d(ctx, x, *args):
+    y, idx = aten.max_pool2d_with_indices.default(x.p, *args)
+
+    def fc(X):
+        X = full(X, x.p.shape).flatten(-2)
+        i = idx.flatten(-2).unsqueeze(0).expand(X.shape[0], *idx.flatten(-2).shape)
+        return X.gather(-1, i).reshape(X.shape[0], *y.shape)
+
+    return Jet(y, [None if X is None else fc(X) for X in x.c]), idx
+
+
+def _extremum(which):
+    def r(ctx, x, dims=(), keepdim=False):
+        ds = _reduce_dims(x, dims)
+        f = torch.amax if which == "max" else torch.amin
+        yk = f(x.p, ds, keepdim=True)
+        m = (x.p == yk).to(x.p.dtype)
+        w = m / m.sum(ds, keepdim=True)  # ties share the derivative, as in PyTorch
+        y = yk if keepdim else yk.squeeze(ds) if ds else yk
+        out = []
+        for X in x.c:
+            if X is None:
+                out.append(None)
+                continue
+            s = (full(X, x.p.shape) * w).sum([d + 1 for d in ds], keepdim=keepdim)
+            out.append(s)
+        return Jet(y, out)
+
+    return r
+
+
+RULES[aten.amax.default] = _extremum("max")
+RULES[aten.amin.default] = _extremum("min")
+
+
+@rule(aten.cumsum.default)
+def _cumsum(ctx, x, dim, dtype=None):
+    d = _dim(dim, x.p.dim())
+    y = torch.cumsum(x.p, d, dtype=dtype)
+    return Jet(y, [None if X is None else torch.cumsum(full(X, x.p.shape), d + 1) for X in x.c])
+
+
+@rule(aten.flip.default)
+def _flip(ctx, x, dims):
+    n = x.p.dim()
+    y = torch.flip(x.p, dims)
+    return Jet(y, [None if X is None else torch.flip(full(X, x.p.shape), [_dim(d, n) + 1 for d in dims])
+                   for X in x.c])
+
+
+@rule(aten.index.Tensor)
+def _index(ctx, x, indices):
+    idx = list(indices)
+    _require_constant(*[i for i in idx if i is not None])
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    if not pos or pos != list(range(pos[0], pos[-1] + 1)) or any(t.dtype == torch.bool for t in idx if t is not None):
+        raise Unsupported("non-adjacent or boolean advanced indexing")
+    y = aten.index.Tensor(x.p, idx)
+    return Jet(y, [None if X is None else aten.index.Tensor(full(X, x.p.shape), [None] + idx) for X in x.c])
+
+
+@rule(aten.gather.default)
+def _gather(ctx, x, dim, index, sparse_grad=False):
+    _require_constant(index)
+    d = _dim(dim, x.p.dim())
+    y = torch.gather(x.p, d, index)
+    return Jet(y, [None if X is None else torch.gather(full(X, x.p.shape), d + 1,
+                                                        index.unsqueeze(0).expand(X.shape[0], *index.shape))
+                   for X in x.c])
+
+
+@rule(aten.native_group_norm.default)
+def _group_norm(ctx, x, weight, bias, N, C, HxW, group, eps):
+    _require_constant(weight, bias)
+    shape = x.p.shape
+    xg = _view(ctx, x, [N, group, -1])
+    m = _mean(ctx, xg, [2], True)
+    xc = add(ctx, xg, m, xg.p - m.p, -1)
+    v = _mean(ctx, product(ctx, xc, xc, torch.mul), [2], True)
+    ve = Jet(v.p + eps, v.c)
+    rstd = _unary_apply(ctx, ve, torch.rsqrt(ve.p), D.rsqrt_derivs)
+    out = _view(ctx, product(ctx, xc, rstd, torch.mul), list(shape))
+    aff = [1, C] + [1] * (len(shape) - 2)
+    if weight is not None:
+        out = scale(ctx, out, weight.reshape(aff), out.p * weight.reshape(aff))
+    if bias is not None:
+        out = Jet(out.p + bias.reshape(aff), out.c)
+    return out, _squeeze(ctx, m, [2]), _squeeze(ctx, rstd, [2])
+
+
+@rule(aten.linalg_vector_norm.default)
+def _vector_norm(ctx, x, ord=2, dim=None, keepdim=False, dtype=None):
+    if ord != 2 or dtype is not None:
+        raise Unsupported("only the 2-norm has a rule")
+    ds = _reduce_dims(x, dim)
+    sq = product(ctx, x, x, torch.mul)
+    s = _sum(ctx, sq, ds, keepdim)
+    return _unary_apply(ctx, s, torch.sqrt(s.p), D.sqrt_derivs)
