@@ -74,10 +74,14 @@ def _probe_output(fname: str, f, x: Tensor, batched: bool):
 
 
 @lru_cache(maxsize=256)
-def _plan_for(items: tuple, combos: tuple):
-    """Remap input coordinates to direction indices and build the plan (cached: plans are pure)."""
-    coords = sorted({i for a in items for i in a} | {i for c in combos for a, _ in c for i in a})
-    pos = {c: r for r, c in enumerate(coords)}
+def _plan_for(items: tuple, combos: tuple, directions: tuple | None = None):
+    """Remap input coordinates to direction indices and build the plan (cached: plans are pure).
+
+    With ``directions`` (sparse direction vectors ``((coord, value), ...)``), multi-indices already
+    index those directions and are kept as they are."""
+    used = sorted({i for a in items for i in a} | {i for c in combos for a, _ in c for i in a})
+    pos = {c: r for r, c in enumerate(used)}
+    coords = used if directions is None else [directions[r] for r in used]
     ind = [tuple(sorted(pos[i] for i in a)) for a in items]
     cmb = [[(tuple(sorted(pos[i] for i in a)), w) for a, w in c] for c in combos]
     plan = Plan(len(coords), [a for a in ind if a], cmb)
@@ -99,12 +103,17 @@ def _plan_for(items: tuple, combos: tuple):
 
 
 def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo],
-           batched: bool, chunk_size: int | None = None, stacked: bool = True, assemble=None, fast_key=None):
+           batched: bool, chunk_size: int | None = None, stacked: bool = True, assemble=None, fast_key=None,
+           directions=None, reference_combos=None):
     """Run the forward Taylor path.
 
     Returns ``(y, parts, sums)``: ``parts[i]`` is the partial derivative for ``items[i]`` (multi-indices
     of input coordinates; ``()`` is the value itself), ``sums[c]`` the collapsed combination ``combos[c]``.
     With ``stacked`` they are tensors ``[len, *y.shape]``, otherwise lists of ``y``-shaped tensors.
+
+    ``directions`` replaces the one-hot coordinate directions by the given sparse vectors (univariate
+    Taylor along chosen directions); ``reference_combos`` then gives the same combos in coordinates
+    for the torch.func fallback.
 
     With ``assemble``, returns ``assemble(y, parts, sums)`` instead, and when the result came from one
     generated graph, registers that whole call path under ``fast_key`` so that later identical calls
@@ -114,12 +123,13 @@ def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], comb
     items = tuple(tuple(sorted(a)) for a in items)
     combos = tuple(tuple((tuple(a), float(w)) for a, w in c) for c in combos)
     if chunk_size is not None and (len(items) > chunk_size or any(len(c) > chunk_size for c in combos)):
-        return assemble(*_chunked(fname, f, x, items, combos, batched, chunk_size, stacked))
-    coords, plan, where_items, where_combos, whole = _plan_for(items, combos)
+        return assemble(*_chunked(fname, f, x, items, combos, batched, chunk_size, stacked, directions,
+                                  reference_combos))
+    coords, plan, where_items, where_combos, whole = _plan_for(items, combos, directions)
     try:
         entry = derivative_graph(f, x, plan, coords, batched, fname)
     except TraceError as e:
-        y, parts, sums = _traced_fallback(fname, f, x, items, combos, batched, e)
+        y, parts, sums = _traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
         if not stacked:
             parts = list(parts) if parts is not None else None
             sums = list(sums) if sums is not None else None
@@ -155,7 +165,7 @@ def _row(X: Tensor, r: int, y: Tensor) -> Tensor:
     return full(X[r : r + 1], y.shape)[0]
 
 
-def _chunked(fname, f, x, items, combos, batched, chunk_size, stacked):
+def _chunked(fname, f, x, items, combos, batched, chunk_size, stacked, directions=None, reference_combos=None):
     y = None
     parts = []
     for s in range(0, len(items), chunk_size):
@@ -165,7 +175,8 @@ def _chunked(fname, f, x, items, combos, batched, chunk_size, stacked):
     for combo in combos:
         acc = None
         for s in range(0, len(combo), chunk_size):
-            y, _, c = taylor(fname, f, x, [], [combo[s : s + chunk_size]], batched, None, stacked=False)
+            y, _, c = taylor(fname, f, x, [], [combo[s : s + chunk_size]], batched, None, stacked=False,
+                             directions=directions, reference_combos=reference_combos)
             acc = c[0] if acc is None else acc + c[0]
         sums.append(acc)
     if stacked:

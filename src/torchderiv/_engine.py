@@ -133,14 +133,17 @@ def _interpret(ctx: Ctx, gm: fx.GraphModule, inputs: list):
             raise RuntimeError(f"torchderiv: unexpected node {n.op} {n.target}")
 
 
-def seeds(plan_dirs: list[int], x: torch.Tensor, batched: bool) -> torch.Tensor:
-    """One-hot seeds for the chosen input coordinates: ``[R, 1, *in]`` (batched) or ``[R, *in]``."""
+def seeds(plan_dirs: list, x: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Seeds ``[R, 1, *in]`` (batched) or ``[R, *in]``: one-hot for an int direction (an input coordinate),
+    else the sparse vector ``((coord, value), ...)``."""
     in_shape = x.shape[1:] if batched else x.shape
     n = 1
     for s in in_shape:
         n *= s
     eye = torch.zeros(len(plan_dirs), n, dtype=x.dtype, device=x.device)
-    eye[torch.arange(len(plan_dirs)), torch.tensor(plan_dirs, dtype=torch.long)] = 1
+    for r, d in enumerate(plan_dirs):
+        for c, v in ((d, 1.0),) if isinstance(d, int) else d:
+            eye[r, c] = v
     return eye.reshape(len(plan_dirs), *([1] if batched else []), *in_shape)
 
 
