@@ -91,7 +91,7 @@ _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "min
 
 
 class BatchMixingError(ValueError):
-    pass
+    """``batched=True`` was asked for, but the traced graph lets rows of ``x`` interact."""
 
 
 def _val(n):
