@@ -1,0 +1,526 @@
+"""The benchmark scenarios: the seeds' questions and the PDE operators of the issues, with their methods.
+
+``SCENARIOS`` is a plain dict ``name -> Scenario``; tests (and users) may add entries. A scenario builds
+its :class:`~torchderiv.bench._methods.Setup` deterministically (fixed seed), so a memory-probe subprocess
+rebuilds exactly the same network and inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import torchderiv
+
+from . import _methods as M
+from ._methods import Builder, Runner, Setup
+
+
+@dataclass
+class Method:
+    name: str
+    build: Builder
+    kind: str = "peer"  # "torchderiv", "peer" (the baseline is named by the scenario)
+    slow: bool = False  # timed once, without warm-up (the seeds' full Jacobians)
+    quick_once: bool = False  # like slow, but only in --quick mode
+    quick_sub_batch: int | None = None  # in --quick mode: time on the first rows, scale linearly
+
+
+@dataclass
+class Target:
+    """An issue's figure: ``method`` within ``max_fpe`` FPE, or at least ``min_speedup`` x faster than
+    ``versus`` (the baseline when None)."""
+
+    method: str
+    max_fpe: float | None = None
+    min_speedup: float | None = None
+    versus: str | None = None
+
+    def describe(self) -> str:
+        if self.max_fpe is not None:
+            return f"{self.method} <= {self.max_fpe:g} FPE"
+        return f"{self.method} >= {self.min_speedup:g}x faster than {self.versus or 'baseline'}"
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    make: Callable[[], Setup]  # float32 setup on CPU; the runner moves it to the device
+    methods: list[Method]
+    baseline: str  # name of the method the speed-ups are measured against (the seed's own method)
+    reference: str  # name of the method run once in float64 as the reference for agreement
+    rtol: float = 1e-3  # agreement: max |err| <= rtol * max |reference| (per output tensor)
+    no_grad: bool = False  # run everything under torch.no_grad() (inference)
+    targets: list[Target] = field(default_factory=list)
+    hidden: bool = False  # not part of the default run (tests, examples)
+    reference_rows: int | None = None  # compute the float64 reference on the first rows only
+    forward: Callable[[Setup], Runner] | None = None  # the plain forward of FPE; default f(x)
+    op: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def register(s: Scenario) -> Scenario:
+    SCENARIOS[s.name] = s
+    return s
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class NetX(nn.Module):
+    """The network of seeds 000 and 002: 1 -> 20 -> 20 -> m, tanh."""
+
+    def __init__(self, m: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(1, 20)
+        self.fc2 = nn.Linear(20, 20)
+        self.out = nn.Linear(20, m)
+
+    def forward(self, x):
+        x = torch.tanh(self.fc1(x))
+        x = torch.tanh(self.fc2(x))
+        return self.out(x)
+
+
+def mlp(*sizes: int) -> nn.Sequential:
+    """A tanh MLP with the given layer widths."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
+    def make() -> Setup:
+        torch.manual_seed(0)
+        return fn()
+
+    return make
+
+
+# ----------------------------------------------------------------------------- seed-specific methods
+
+
+def af_jacobian_diagonal(vectorize: bool) -> Builder:
+    """The seeds' method: the full ``[B, *out, B, *in]`` Jacobian by ``torch.autograd.functional.jacobian``,
+    then its batch diagonal."""
+
+    def build(s: Setup) -> Runner:
+        def run():
+            J = torch.autograd.functional.jacobian(s.f, s.x, vectorize=vectorize)
+            B, n = s.B, s.n
+            m = J.numel() // (B * B * n)
+            d = J.reshape(B, m, B, n).diagonal(0, 0, 2)  # [m, n, B]
+            return (d.permute(2, 0, 1).reshape(*J.shape[: J.dim() - s.x.dim()], *s.x.shape[1:]).detach(),)
+
+        return run
+
+    return build
+
+
+def backward_sampling(s: Setup) -> Runner:
+    """Seed 002's answer: ``out.backward(m)`` with a one-hot column ``m`` per output component, reading
+    ``x.grad`` (rows are independent). Like the seed it also accumulates parameter gradients; they are
+    reset afterwards."""
+    params = [p for p in s.f.parameters()] if isinstance(s.f, nn.Module) else []
+
+    def run():
+        with torch.enable_grad():
+            a = s.x.detach().clone().requires_grad_(True)
+            out = s.f(a)
+            of = out.reshape(out.shape[0], -1)
+            cols = []
+            for k in range(of.shape[1]):
+                m = torch.zeros_like(of)
+                m[:, k] = 1
+                of.backward(m, retain_graph=True)
+                cols.append(a.grad.reshape(a.shape[0], -1))
+                a.grad = None
+            for p in params:
+                p.grad = None
+            return (torch.stack(cols, 1).reshape(*out.shape, *a.shape[1:]),)
+
+    return run
+
+
+def seed001_loop(s: Setup) -> Runner:
+    """Seed 001's code: per output component, ``continuous_diff`` (autograd.grad with create_graph=True)
+    for the gradient and once more per input coordinate: ``(J [B, m, n], H [B, m, n, n])``."""
+
+    def continuous_diff(x, y):
+        return torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True, create_graph=True)[0]
+
+    def run():
+        with torch.enable_grad():
+            x = s.x.detach().requires_grad_(True)
+            output = s.f(x)
+            J, H = [], []
+            for k in range(output.shape[1]):
+                y = output[:, k]
+                dx = continuous_diff(x, y)
+                H.append(torch.stack([continuous_diff(x, dx[:, i]) for i in range(x.shape[1])], 1))
+                J.append(dx)
+            return torch.stack(J, 1).detach(), torch.stack(H, 1).detach()
+
+    return run
+
+
+def td_jet(spec_pairs: bool = False) -> Builder:
+    """``(J, H)`` from one ``torchderiv.partials`` pass over every multi-index of order 1 and 2, or from
+    ``torchderiv.jacobian`` + ``torchderiv.hessian`` (two passes) with ``spec_pairs=False``."""
+
+    def build(s: Setup) -> Runner:
+        n = s.n
+        if not spec_pairs:
+            return lambda: (torchderiv_jacobian(s), torchderiv_hessian(s))
+        spec = [(i,) for i in range(n)] + [(i, j) for i in range(n) for j in range(i, n)]
+        idx = torch.tensor([spec.index((min(i, j), max(i, j))) - n for i in range(n) for j in range(n)])
+
+        def run():
+            d = torchderiv.partials(s.f, s.x, spec)
+            parts = list(d.values())
+            J = torch.stack(parts[:n], -1)
+            H = torch.stack(parts[n:], -1).index_select(-1, idx.to(J.device))
+            return J.detach(), H.reshape(*H.shape[:-1], n, n).detach()
+
+        return run
+
+    return build
+
+
+def torchderiv_jacobian(s):
+    return torchderiv.jacobian(s.f, s.x).detach()
+
+
+def torchderiv_hessian(s):
+    return torchderiv.hessian(s.f, s.x).detach()
+
+
+def _deepxde():
+    """The DeepXDE module with the PyTorch backend, or None when it is not installed."""
+    os.environ.setdefault("DDE_BACKEND", "pytorch")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it announces its backend on stdout
+            dde = importlib.import_module("deepxde")
+    except Exception:  # noqa: BLE001 - any import failure means: not available
+        return None
+    if dde.backend.backend_name != "pytorch":
+        raise RuntimeError(f"DeepXDE uses the {dde.backend.backend_name} backend; set DDE_BACKEND=pytorch")
+    return dde
+
+
+def dde_jacobian(s: Setup) -> Runner:
+    dde = _deepxde()
+
+    def run():
+        with torch.enable_grad():
+            x = s.x.detach().requires_grad_(True)
+            y = s.f(x)
+            cols = [torch.cat([dde.grad.jacobian(y, x, i=k, j=j) for j in range(s.n)], 1)
+                    for k in range(y.shape[1])]
+            dde.grad.clear()
+            return (torch.stack(cols, 1).detach(),)
+
+    return run
+
+
+def dde_jet(s: Setup) -> Runner:
+    dde = _deepxde()
+    n = s.n
+
+    def run():
+        with torch.enable_grad():
+            x = s.x.detach().requires_grad_(True)
+            y = s.f(x)
+            m = y.shape[1]
+            J = torch.stack([torch.cat([dde.grad.jacobian(y, x, i=k, j=j) for j in range(n)], 1)
+                             for k in range(m)], 1)
+            H = torch.stack([torch.stack([torch.cat([dde.grad.hessian(y, x, component=k, i=i, j=j)
+                                                     for j in range(n)], 1) for i in range(n)], 1)
+                             for k in range(m)], 1)
+            dde.grad.clear()
+            return J.detach(), H.detach()
+
+    return run
+
+
+def dde_laplacian(s: Setup) -> Runner:
+    dde = _deepxde()
+
+    def run():
+        with torch.enable_grad():
+            x = s.x.detach().requires_grad_(True)
+            y = s.f(x)
+            lap = sum(dde.grad.hessian(y, x, i=i, j=i) for i in range(s.n))
+            dde.grad.clear()
+            return (lap.detach(),)
+
+    return run
+
+
+def dde_available() -> bool:
+    """Whether DeepXDE is installed (checked without importing it: the import is slow)."""
+    return importlib.util.find_spec("deepxde") is not None
+
+
+# ----------------------------------------------------------------------------- PINN training step
+
+
+def pinn_step(lap_fn: Callable[[Callable, torch.Tensor], torch.Tensor]) -> Builder:
+    """``loss = mean(lap(f)(x)^2); loss.backward()``: returns ``(lap, all parameter gradients)``."""
+
+    def build(s: Setup) -> Runner:
+        params = list(s.f.parameters())
+
+        def run():
+            with torch.enable_grad():
+                for p in params:
+                    p.grad = None
+                lap = lap_fn(s.f, s.x)
+                loss = (lap**2).mean()
+                loss.backward()
+                # parameters the Laplacian does not depend on (the output bias) get no gradient
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                return lap.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+        return run
+
+    return build
+
+
+def _lap_autograd(f, x):
+    x = x.detach().requires_grad_(True)
+    return M.ag_laplacian_graph(x, f(x), create_graph=True)
+
+
+def _lap_torchderiv(f, x):
+    return torchderiv.laplacian(f, x)
+
+
+def _lap_vmap_hessian(f, x):
+    H = torch.func.vmap(torch.func.hessian(M.per_sample(f)))(x)  # [B, 1, n, n]
+    return H.diagonal(0, -2, -1).sum(-1)
+
+
+def _lap_dde(f, x):
+    dde = _deepxde()
+    x = x.detach().requires_grad_(True)
+    y = f(x)
+    lap = sum(dde.grad.hessian(y, x, i=i, j=i) for i in range(x.shape[1]))
+    dde.grad.clear()
+    return lap
+
+
+# ----------------------------------------------------------------------------- the scenarios
+
+
+def _jacobian_methods(slow_af: bool, dde: bool) -> list[Method]:
+    ms = [
+        Method("torchderiv.jacobian", M.td_op("jacobian"), kind="torchderiv"),
+        Method("autograd.functional.jacobian + diagonal", af_jacobian_diagonal(False), slow=slow_af),
+        Method("autograd.functional.jacobian(vectorize=True) + diagonal", af_jacobian_diagonal(True),
+               slow=slow_af),
+        Method("autograd.grad loop over outputs", M.ag_jacobian),
+        Method("backward + sampling vectors (seed 002)", backward_sampling),
+        Method("torch.func.jvp", M.tf_jvp),
+        Method("vmap(jacfwd)", M.tf_jacobian("jacfwd")),
+        Method("vmap(jacrev)", M.tf_jacobian("jacrev")),
+    ]
+    if dde:
+        ms.append(Method("deepxde dde.grad.jacobian", dde_jacobian))
+    return ms
+
+
+def build_registry() -> None:
+    dde = dde_available()
+    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer)"]
+
+    register(Scenario(
+        "seed000", "seed 000: per-sample dy/dx, net_x 1->20->20->4 tanh, B=10",
+        _seeded(lambda: Setup(NetX(4), torch.rand(10, 1))),
+        _jacobian_methods(False, dde), baseline="autograd.functional.jacobian + diagonal",
+        reference="vmap(jacrev)", op="jacobian", notes=list(note)))
+
+    register(Scenario(
+        "seed002", "seed 002: per-sample dy/dx, net_x 1->20->20->400 tanh, B=100",
+        _seeded(lambda: Setup(NetX(400), torch.rand(100, 1))),
+        _jacobian_methods(True, dde), baseline="autograd.functional.jacobian + diagonal",
+        reference="vmap(jacrev)", op="jacobian",
+        targets=[Target("torchderiv.jacobian", max_fpe=3.5),
+                 Target("torchderiv.jacobian", min_speedup=3, versus="torch.func.jvp")],
+        notes=list(note)))
+
+    seed001 = [
+        Method("seed 001 loop (autograd.grad, create_graph)", seed001_loop),
+        Method("vmap(hessian) (+J as aux)", M.tf_hessian("hessian", with_jacobian=True)),
+        Method("vmap(jacfwd(jacfwd)) (+J as aux)", M.tf_hessian("jacfwd(jacfwd)", with_jacobian=True)),
+        Method("torchderiv.partials (orders 1,2)", td_jet(spec_pairs=True), kind="torchderiv"),
+        Method("torchderiv.jacobian + hessian", td_jet(spec_pairs=False), kind="torchderiv"),
+    ]
+    if dde:
+        seed001.append(Method("deepxde dde.grad.jacobian/hessian", dde_jet))
+    register(Scenario(
+        "seed001", "seed 001: Jacobian + Hessian, 2->64->64->64->150 tanh, B=1000",
+        _seeded(lambda: Setup(mlp(2, 64, 64, 64, 150), torch.randn(1000, 2))),
+        seed001, baseline="seed 001 loop (autograd.grad, create_graph)",
+        reference="vmap(jacfwd(jacfwd)) (+J as aux)", op="jacobian+hessian",
+        targets=[Target("torchderiv.partials (orders 1,2)", max_fpe=10),
+                 Target("torchderiv.partials (orders 1,2)", min_speedup=4, versus="vmap(jacfwd(jacfwd)) (+J as aux)")],
+        notes=list(note)))
+
+    lap = [
+        Method("autograd.grad nested loop", M.ag_laplacian),
+        Method("vmap(hessian) trace", M.tf_laplacian("hessian")),
+        Method("vmap(jacrev(jacrev)) trace", M.tf_laplacian("jacrev(jacrev)")),
+        Method("torchderiv.laplacian", M.td_op("laplacian"), kind="torchderiv"),
+    ]
+    if dde:
+        lap.append(Method("deepxde dde.grad.hessian", dde_laplacian))
+    D = 50
+    register(Scenario(
+        "laplacian-d50", f"Laplacian, {D}->768->768->512->512->1 tanh, B=256, under torch.no_grad",
+        _seeded(lambda: Setup(mlp(D, 768, 768, 512, 512, 1), torch.randn(256, D))),
+        lap, baseline="autograd.grad nested loop", reference="vmap(hessian) trace", no_grad=True, op="laplacian",
+        targets=[Target("torchderiv.laplacian", min_speedup=2, versus="vmap(hessian) trace"),
+                 Target("torchderiv.laplacian", max_fpe=1.2 * (D + 2))],
+        notes=list(note) + ["vmap(hessian) is torch.func's forward-over-reverse, jacfwd(jacrev)"]))
+
+    pinn = [
+        Method("autograd.grad loop (create_graph) + backward", pinn_step(_lap_autograd)),
+        Method("vmap(hessian) trace + backward", pinn_step(_lap_vmap_hessian)),
+        Method("torchderiv.laplacian + backward", pinn_step(_lap_torchderiv), kind="torchderiv"),
+    ]
+    if dde:
+        pinn.append(Method("deepxde dde.grad.hessian + backward", pinn_step(_lap_dde)))
+    register(Scenario(
+        "pinn-poisson", "PINN step: loss = mean(laplacian^2), loss.backward(), 3->64->64->64->1 tanh, B=2048",
+        _seeded(lambda: Setup(mlp(3, 64, 64, 64, 1), torch.rand(2048, 3))),
+        pinn, baseline="autograd.grad loop (create_graph) + backward",
+        reference="autograd.grad loop (create_graph) + backward", op="laplacian+backward",
+        targets=[Target("torchderiv.laplacian + backward", min_speedup=2)],
+        notes=list(note) + ["pinn-poisson: times include the backward to the parameters; "
+                            "FPE is relative to the plain forward"]))
+
+    register(Scenario(
+        "biharmonic-d5", "biharmonic, 5->768->768->512->512->1 tanh, B=64, under torch.no_grad",
+        _seeded(lambda: Setup(mlp(5, 768, 768, 512, 512, 1), torch.randn(64, 5))),
+        [Method("vmap(jacfwd(jacfwd(jacrev(jacrev)))) trace", M.tf_biharmonic, quick_once=True),
+         Method("autograd.grad nested loop", M.ag_biharmonic, quick_sub_batch=16, quick_once=True),
+         Method("torchderiv.biharmonic", M.td_op("biharmonic"), kind="torchderiv")],
+        baseline="vmap(jacfwd(jacfwd(jacrev(jacrev)))) trace", reference="autograd.grad nested loop",
+        reference_rows=8, rtol=1e-2, no_grad=True, op="biharmonic",
+        targets=[Target("torchderiv.biharmonic", min_speedup=3)]))
+
+    kdv_spec = ["", "x", "xxx"]
+    kdv_idx = [(), (1,), (1, 1, 1)]
+    register(Scenario(
+        "kdv", "KdV terms u, u_x, u_xxx of u(t, x), 2->64->64->64->1 tanh, B=1024",
+        _seeded(lambda: Setup(mlp(2, 64, 64, 64, 1), torch.rand(1024, 2))),
+        [Method("autograd.grad nested loop", M.ag_partials(kdv_idx)),
+         Method("torch.func nested jvp", M.tf_partials_jvp(kdv_idx)),
+         Method("torch.func nested jacrev", M.tf_partials_rev(kdv_idx)),
+         Method("torchderiv.partials", M.td_op("partials", spec=kdv_spec, coords="tx"), kind="torchderiv")],
+        baseline="autograd.grad nested loop", reference="autograd.grad nested loop", op="partials",
+        rtol=2e-3))
+
+    register(Scenario(
+        "tiny-mlp", "tiny test scenario: Jacobian, 2->16->16->3 tanh, B=8",
+        _seeded(lambda: Setup(mlp(2, 16, 16, 3), torch.randn(8, 2))),
+        [Method("torchderiv.jacobian", M.td_op("jacobian"), kind="torchderiv"),
+         Method("vmap(jacrev)", M.tf_jacobian("jacrev")),
+         Method("autograd.grad loop over outputs", M.ag_jacobian)],
+        baseline="autograd.grad loop over outputs", reference="vmap(jacrev)", op="jacobian", hidden=True))
+
+
+build_registry()
+
+
+# ----------------------------------------------------------------------------- user models (--model)
+
+
+class ModelSpecError(ValueError):
+    """A --model / --op string that cannot be used."""
+
+
+def load_factory(spec: str) -> Callable:
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ModelSpecError(f"--model must look like MODULE:FACTORY (e.g. my_pkg.nets:make), got {spec!r}")
+    mod_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelSpecError(f"--model {spec}: cannot import module {mod_name!r} ({e}); is it on sys.path "
+                             f"(run from its directory or set PYTHONPATH)?") from e
+    fac = getattr(mod, attr, None)
+    if fac is None or not callable(fac):
+        raise ModelSpecError(f"--model {spec}: module {mod_name!r} has no callable {attr!r}")
+    return fac
+
+
+def parse_op(op: str) -> tuple[str, list[tuple[int, ...]] | None]:
+    base, _, rest = op.partition(":")
+    allowed = [o.split(":")[0] for o in M.OPS]
+    if base not in allowed:
+        raise ModelSpecError(f"--op must be one of {', '.join(M.OPS)}, got {op!r}")
+    if base == "partials":
+        if not rest:
+            raise ModelSpecError("--op partials needs a spec, e.g. partials:0,00,011 for d/dx0, d2/dx0^2, "
+                                 "d3/dx0 dx1^2")
+        try:
+            return base, M.parse_spec(rest)
+        except ValueError as e:
+            raise ModelSpecError(f"--op {op}: {e}") from e
+    if rest:
+        raise ModelSpecError(f"--op {base} takes no spec, got {op!r}")
+    return base, None
+
+
+def model_scenario(model: str, op: str, batch: int | None) -> Scenario:
+    """A scenario for a user's factory ``MODULE:FACTORY`` returning ``(module, example_input)``."""
+    fac = load_factory(model)
+    base, spec = parse_op(op)
+
+    def make() -> Setup:
+        torch.manual_seed(0)
+        try:
+            res = fac()
+        except Exception as e:  # noqa: BLE001 - the user's code: say where it failed
+            raise ModelSpecError(f"--model {model}: the factory raised {type(e).__name__}: {e}") from e
+        if not (isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], torch.Tensor)):
+            raise ModelSpecError(f"--model {model}: the factory must return (module, example_input), got "
+                                 f"{type(res).__name__}")
+        f, x = res
+        if not callable(f):
+            raise ModelSpecError(f"--model {model}: the first returned item must be callable")
+        x = x.detach()
+        if batch is not None:
+            x = x[torch.arange(batch) % x.shape[0]].clone()
+        extra = {}
+        if spec is not None:
+            n = x[0].numel()
+            bad = [a for a in spec if any(i >= n for i in a)]
+            if bad:
+                raise ModelSpecError(f"--op {op}: multi-index {bad[0]} names a coordinate >= {n}, the number "
+                                     f"of input coordinates of the example input")
+            extra = {"spec": spec, "spec_idx": spec}
+        return Setup(f, x, extra)
+
+    make()  # fail early, as a usage error, on a factory or spec that cannot work
+    builders, baseline, reference = M.generic_methods(base)
+    methods = [Method(name, b, kind="torchderiv" if name.startswith("torchderiv") else "peer")
+               for name, b in builders]
+    return Scenario(f"model:{model}", f"--model {model} --op {op}" + (f" --batch {batch}" if batch else ""),
+                    make, methods, baseline=baseline, reference=reference, op=op,
+                    rtol=1e-3 if base in ("jacobian", "jacobian_diagonal", "divergence") else 5e-3)
