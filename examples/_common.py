@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 
 def parser(description: str, *, steps: int, lr: float, points: int, width: int, depth: int,
-           log_every: int = 500, lr_final: float = 0.01) -> argparse.ArgumentParser:
+           log_every: int = 500, lr_final: float = 0.01, lbfgs: int = 0) -> argparse.ArgumentParser:
     """The options every example has; the defaults are each problem's tuned settings."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -31,12 +31,16 @@ def parser(description: str, *, steps: int, lr: float, points: int, width: int, 
     p.add_argument("--points", type=int, default=points, help="interior collocation points, resampled every step")
     p.add_argument("--width", type=int, default=width, help="hidden width of the tanh MLP")
     p.add_argument("--depth", type=int, default=depth, help="number of hidden layers")
+    p.add_argument("--lbfgs", type=int, default=lbfgs,
+                   help="L-BFGS iterations after Adam, on a fixed set of 4 x the points of an Adam step")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the collocation points")
     p.add_argument("--autograd", action="store_true",
                    help="reference mode: the same training with derivatives from torch.autograd.grad("
                         "create_graph=True) loops instead of torchderiv")
     p.add_argument("--float64", action="store_true", help="train in double precision")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads; 0: torch's default. One thread is fastest for these small networks "
+                        "(and far more robust on a shared machine)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--log-every", type=int, default=log_every, help="progress line every N steps (0: none)")
     return p
@@ -126,6 +130,8 @@ class Result:
     times: list[float] = field(default_factory=list)  # seconds of each step: loss, backward, optimizer
     losses: list[float] = field(default_factory=list)
     rel_l2: float = float("nan")
+    lbfgs_iters: int = 0
+    lbfgs_s: float = 0.0
 
     @property
     def ms_per_step(self) -> float:
@@ -138,8 +144,9 @@ class Result:
         return self.times[0] if self.times else float("nan")
 
     def line(self) -> str:
+        lbfgs = f"lbfgs={self.lbfgs_iters} lbfgs_time={self.lbfgs_s:.1f}s " if self.lbfgs_iters else ""
         return (f"mode={self.mode} steps={self.steps} time/step={self.ms_per_step:.2f}ms "
-                f"first_step={self.first_step_s:.2f}s total={sum(self.times):.1f}s "
+                f"first_step={self.first_step_s:.2f}s total={sum(self.times) + self.lbfgs_s:.1f}s {lbfgs}"
                 f"loss={self.losses[-1]:.3e} rel_l2={self.rel_l2:.3e}")
 
 
@@ -169,10 +176,38 @@ def train(model: nn.Module, loss_fn: Callable[..., Tensor], sample: Callable[[],
         if log and args.log_every and (step % args.log_every == 0 or step == 1):
             print(f"step {step:6d}  loss {res.losses[-1]:.3e}  rel_l2 {evaluate():.3e}  "
                   f"{1e3 * statistics.median(res.times[1:] or res.times):7.2f} ms/step", flush=True)
+    if args.lbfgs:
+        lbfgs(params, loss_fn, sample, args.lbfgs, res, evaluate if log else None)
     res.rel_l2 = evaluate()
     if log:
         print(res.line(), flush=True)
     return res
+
+
+def lbfgs(params: list[Tensor], loss_fn: Callable[..., Tensor], sample: Callable[[], tuple], iters: int,
+          res: Result, evaluate: Callable[[], float] | None) -> None:
+    """Refine with L-BFGS (strong Wolfe line search) on a fixed set of 4 Adam batches of points."""
+    batch = [torch.cat(parts) for parts in zip(*(sample() for _ in range(4)))]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=int(1.25 * iters), history_size=50,
+                            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+    evals = 0
+
+    def closure():
+        nonlocal evals
+        evals += 1
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(*batch)
+        loss.backward()
+        return loss
+
+    t0 = time.perf_counter()
+    opt.step(closure)
+    res.lbfgs_s = time.perf_counter() - t0
+    res.lbfgs_iters = opt.state[opt._params[0]]["n_iter"]
+    res.losses.append(closure().item())
+    if evaluate is not None:
+        print(f"L-BFGS: {res.lbfgs_iters} iterations, {evals} loss evaluations, {res.lbfgs_s:.1f}s  "
+              f"loss {res.losses[-1]:.3e}  rel_l2 {evaluate():.3e}", flush=True)
 
 
 def no_grad_eval(model: nn.Module, x: Tensor, exact: Tensor) -> Callable[[], float]:

@@ -87,7 +87,7 @@ def compiled_loss(loss_fn, batch: tuple, params: list[Tensor]):
 
 
 def main(argv=None) -> Result:
-    p = parser(__doc__.split("\n\n")[0], steps=3000, lr=3e-3, points=1024, width=32, depth=3)
+    p = parser(__doc__.split("\n\n")[0], steps=3000, lr=3e-3, points=1024, width=64, depth=3)
     p.add_argument("--boundary-points", type=int, default=256, help="boundary points per step")
     p.add_argument("--compile", action="store_true", help="compile the loss with torch.compile")
     args = p.parse_args(argv)

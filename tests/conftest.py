@@ -257,7 +257,7 @@ class FourierNet(nn.Module):
 class Attention(nn.Module):
     """Single-head softmax self-attention over the tokens of each sample: [B, T, d] -> [B, T, d]."""
 
-    def __init__(self, d=4):
+    def __init__(self, d=3):
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.scale = 1 / math.sqrt(d)
@@ -367,8 +367,8 @@ ZOO: list[ZooCase] = [
                                                        nn.Softplus(), nn.Linear(12, 2)), (2,)),
     ZooCase("residual_layernorm", ResidualLN, (3,)),
     ZooCase("fourier_features", FourierNet, (2,)),
-    ZooCase("attention", Attention, (3, 4), heavy=True, lap_dims=[0, 5, 11]),
-    ZooCase("conv1d", Conv1dNet, (2, 5), heavy=True, lap_dims=[1, 7]),
+    ZooCase("attention", Attention, (3, 3), heavy=True, lap_dims=[0, 4, 8]),
+    ZooCase("conv1d", Conv1dNet, (2, 4), heavy=True, lap_dims=[1, 6]),
     ZooCase("conv2d", Conv2dNet, (1, 3, 3), heavy=True, lap_dims=[0, 4, 8]),
     ZooCase("pointwise", Pointwise, (2, 2), lap_dims=[1, 3]),
     ZooCase("multi_output", MultiOutput, (2,)),

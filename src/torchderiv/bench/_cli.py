@@ -104,6 +104,13 @@ def _select(args) -> list[_scenarios.Scenario]:
     return chosen
 
 
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _console():
     from rich.console import Console
 
@@ -136,6 +143,7 @@ def run_bench(args, argv: list[str] | None) -> int:
         policy.min_repeat = min(policy.min_repeat, args.repeat)
 
     console = _console()
+    load_start = _load()
     t_start = time.perf_counter()
     results: list[ScenarioResult] = []
     err_console = type(console)(stderr=True)
@@ -166,7 +174,7 @@ def run_bench(args, argv: list[str] | None) -> int:
 
     for r in results:
         console.print(_report.scenario_table(r))
-        for line in _report.scenario_footer(r):
+        for line in _report.scenario_footer(r, args.quick):
             console.print("  " + line, highlight=False)
         if r.name.startswith("model:"):
             rec = _report.recommendation(r)
@@ -175,6 +183,7 @@ def run_bench(args, argv: list[str] | None) -> int:
         console.print()
 
     meta = _report.metadata(device, argv)
+    meta["load_average_at_start"] = load_start
     settings = {"quick": args.quick, "repeat": policy.repeat, "warmup": policy.warmup, "memory": memory,
                 "device": str(device), "scenarios": [sc.name for sc in chosen], "total_seconds": total_s}
     if args.json:
@@ -194,6 +203,11 @@ def run_bench(args, argv: list[str] | None) -> int:
         console.print(f"wrote {args.json}", highlight=False)
     if args.plot:
         console.print(f"wrote {args.plot}", highlight=False)
+    ncpu = os.cpu_count() or 1
+    if load_start is not None and load_start > 0.5 * ncpu:
+        console.print(f"[yellow]warning: the machine was busy when the run started (1-minute load average "
+                      f"{load_start:.1f} on {ncpu} CPUs): timings are less reliable; rerun on an idle machine"
+                      f"[/yellow]", highlight=False)
     if bad:
         console.print(f"[bold red]{len(bad)} method(s) failed or disagreed with the reference:[/bold red] "
                       + "; ".join(f"{s}/{m}: {st}" for s, m, st in bad), highlight=False)

@@ -123,7 +123,11 @@ def tf_jvp(s: Setup) -> Runner:
     ins = tuple(x.shape[1:])
     if n == 1:
         t = torch.ones_like(x)
-        return lambda: (jvp(f, (x,), (t,))[1].detach().unsqueeze(-1),)
+        def single():
+            dy = jvp(f, (x,), (t,))[1]
+            return (dy.detach().reshape(*dy.shape, *ins),)
+
+        return single
     eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, 1, *ins).expand(n, *x.shape)
 
     def run():

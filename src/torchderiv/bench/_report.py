@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ def fmt_time(s: float | None) -> str:
 def fmt_mem(b: int | None) -> str:
     if b is None:
         return "-"
+    if b < 2**20:
+        return f"{b / 1024:.0f} KiB"
     return f"{b / 2**20:.1f} MiB"
 
 
@@ -83,7 +86,7 @@ def scenario_table(r: ScenarioResult):
     return t
 
 
-def scenario_footer(r: ScenarioResult) -> list[str]:
+def scenario_footer(r: ScenarioResult, quick: bool = False) -> list[str]:
     lines = []
     if r.error:
         lines.append(f"[bold red]ERROR[/bold red] {r.error}")
@@ -91,7 +94,7 @@ def scenario_footer(r: ScenarioResult) -> list[str]:
                  f"reference: {r.reference}; agreement: max|err| <= {r.rtol:g} max|ref|[/dim]")
     flags = {f for m in r.methods for f in m.flags()}
     if "†" in flags:
-        lines.append("[dim]† slow: timed once, without warm-up[/dim]")
+        lines.append("[dim]† slow: timed once, without warm-up" + (" (--quick)" if quick else "") + "[/dim]")
     for m in r.methods:
         if m.sub_batch is not None:
             lines.append(f"[dim]‡ {m.name}: timed on B={m.sub_batch} (scaled from B={m.sub_batch} to "
@@ -186,68 +189,86 @@ def write_json(path: str, results: list[ScenarioResult], meta: dict, settings: d
 # ----------------------------------------------------------------------------- chart
 
 
+def _bar_label(m: MethodResult) -> str:
+    name = m.name + (" (baseline)" if m.is_baseline else "") + (" " + m.flags() if m.flags() else "")
+    return textwrap.fill(name, 38, break_long_words=False, break_on_hyphens=False)
+
+
+def _value_label(m: MethodResult, v: float) -> str:
+    if not m.ok:
+        return m.status
+    txt = f"{v:.3g}x" if v < 1000 else f"{v:,.0f}x"
+    if m.fpe is not None:
+        txt += f"  ({m.fpe:.3g} FPE)" if m.fpe < 1000 else f"  ({m.fpe:,.0f} FPE)"
+    return txt
+
+
 def write_plot(path: str, results: list[ScenarioResult], meta: dict) -> None:
-    """Horizontal bars of speed-up over each scenario's baseline (log scale), one panel per scenario."""
+    """Speed-up over each scenario's baseline, one panel per scenario: horizontal bars from 1x (right:
+    faster, left: slower) on a log axis, with the FPE next to each bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    rs = [r for r in results if r.methods]
-    if not rs:
-        rs = results
+    rs = [r for r in results if r.methods] or results
     ncols = 2 if len(rs) > 1 else 1
     nrows = (len(rs) + ncols - 1) // ncols
     heights = []
     for i in range(nrows):
         row = rs[i * ncols : (i + 1) * ncols]
-        heights.append(max(max(len(r.methods), 1) for r in row) * 0.42 + 1.0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, sum(heights) + 1.0),
+        lines = max(sum(_bar_label(m).count("\n") + 1 for m in r.methods) for r in row)
+        heights.append(max(lines, 2) * 0.32 + 1.1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(8.0 * ncols, sum(heights) + 0.9),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax in axes.flat[len(rs):]:
         ax.set_visible(False)
     for ax, r in zip(axes.flat, rs):
         ms = list(reversed(r.methods))
-        vals, colors, labels = [], [], []
-        for m in ms:
-            v = m.speedup if (m.speedup and m.ok) else None
-            vals.append(v if v else 0.0)
+        vals = [m.speedup if (m.speedup and m.ok) else None for m in ms]
+        pos = [v for v in vals if v]
+        lo, hi = min(pos + [1.0]) / 2, max(pos + [1.0]) * 2
+        span = math.log10(hi / lo)
+        hi *= 10 ** (0.45 * span + 0.3)  # room for the value labels on the right
+        ys = list(range(len(ms)))
+        for y, m, v in zip(ys, ms, vals):
             if not m.ok:
-                colors.append("#d62728")
+                color = "#d62728"
             elif m.is_baseline:
-                colors.append("#7f7f7f")
+                color = "#7f7f7f"
             elif m.kind == "torchderiv":
-                colors.append("#1f77b4")
+                color = "#1f77b4"
             else:
-                colors.append("#ff9f40")
-            label = m.name if len(m.name) <= 44 else m.name[:42] + "…"
-            labels.append(label + (" (baseline)" if m.is_baseline else "") + (" " + m.flags() if m.flags() else ""))
-        pos = [v for v in vals if v > 0]
-        lo = min(pos + [1.0]) / 3
-        hi = max(pos + [1.0]) * 6
-        ys = range(len(ms))
-        ax.barh(ys, [v if v > 0 else lo for v in vals], color=colors, left=0, height=0.7)
+                color = "#ff9f40"
+            if v is None:  # failed: a red marker at 1x, labelled
+                ax.plot([1.0], [y], marker="x", color=color, ms=9, mew=2)
+            elif m.is_baseline or v == 1.0:
+                ax.plot([1.0], [y], marker="D", color=color, ms=7)
+            else:
+                ax.barh(y, v - 1.0, left=1.0, color=color, height=0.68)
+            ax.text(max(v or 1.0, 1.0) * 1.15, y, _value_label(m, v or 1.0), va="center", fontsize=8,
+                    color="#d62728" if not m.ok else "black")
         ax.set_xscale("log")
         ax.set_xlim(lo, hi)
-        ax.axvline(1.0, color="black", lw=0.8, ls="--")
-        ax.set_yticks(list(ys))
-        ax.set_yticklabels(labels, fontsize=8)
-        for y, m, v in zip(ys, ms, vals):
-            txt = f"{v:.3g}x" if v >= 0.01 and v < 100 else (f"{v:,.0f}x" if v >= 100 else f"{v:.1e}x")
-            if not m.ok:
-                txt = m.status
-            elif m.fpe is not None:
-                txt += f"  ({m.fpe:.3g} FPE)" if m.fpe < 1000 else f"  ({m.fpe:,.0f} FPE)"
-            ax.text(max(v, lo) * 1.08, y, txt, va="center", fontsize=7.5)
-        ax.set_title(f"{r.name}  (B={r.batch})", fontsize=10, loc="left", fontweight="bold")
-        ax.set_xlabel("speed-up over the baseline (log scale)", fontsize=8)
+        ax.set_ylim(-0.6, len(ms) - 0.4)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}x" if x >= 1 else f"{x:g}x"))
+        ax.set_yticks(ys)
+        ax.set_yticklabels([_bar_label(m) for m in ms], fontsize=8)
+        ax.set_title(r.name, fontsize=10, loc="left", fontweight="bold")
+        ax.set_title(textwrap.shorten(r.description, 75, placeholder="…"), fontsize=7.5, loc="right", color="#444")
+        ax.set_xlabel("speed-up over the baseline (log scale; left of 1x = slower)", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", which="major", alpha=0.3)
     dev = meta.get("gpu_name") or meta.get("cpu_model", "")
-    fig.suptitle(f"torchderiv bench: speed-up per scenario, medians  [{dev}, torch {meta.get('torch_version')}, "
-                 f"{meta.get('torch_num_threads')} threads]   blue: torchderiv, orange: peers, grey: baseline, "
-                 f"red: failed", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.suptitle(f"torchderiv bench, median times: speed-up per scenario  [{dev}, torch {meta.get('torch_version')}, "
+                 f"{meta.get('torch_num_threads')} threads, {meta.get('date', '')}]\n"
+                 f"blue: torchderiv   orange: other methods   grey: baseline (the seed's own method)   red: failed   "
+                 f"† timed once   ‡ timed on a sub-batch, scaled", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=110)

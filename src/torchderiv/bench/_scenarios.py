@@ -7,21 +7,30 @@ rebuilds exactly the same network and inputs.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.util
-import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-import torchderiv
-
 from . import _methods as M
 from ._methods import Builder, Runner, Setup
+from ._peers import (
+    af_jacobian_diagonal,
+    backward_sampling,
+    dde_available,
+    dde_jacobian,
+    dde_jet,
+    dde_laplacian,
+    lap_autograd,
+    lap_dde,
+    lap_torchderiv,
+    lap_vmap_hessian,
+    pinn_step,
+    seed001_loop,
+    td_jet,
+)
 
 
 @dataclass
@@ -110,230 +119,19 @@ def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
     return make
 
 
-# ----------------------------------------------------------------------------- seed-specific methods
-
-
-def af_jacobian_diagonal(vectorize: bool) -> Builder:
-    """The seeds' method: the full ``[B, *out, B, *in]`` Jacobian by ``torch.autograd.functional.jacobian``,
-    then its batch diagonal."""
-
-    def build(s: Setup) -> Runner:
-        def run():
-            J = torch.autograd.functional.jacobian(s.f, s.x, vectorize=vectorize)
-            B, n = s.B, s.n
-            m = J.numel() // (B * B * n)
-            d = J.reshape(B, m, B, n).diagonal(0, 0, 2)  # [m, n, B]
-            return (d.permute(2, 0, 1).reshape(*J.shape[: J.dim() - s.x.dim()], *s.x.shape[1:]).detach(),)
-
-        return run
-
-    return build
-
-
-def backward_sampling(s: Setup) -> Runner:
-    """Seed 002's answer: ``out.backward(m)`` with a one-hot column ``m`` per output component, reading
-    ``x.grad`` (rows are independent). Like the seed it also accumulates parameter gradients; they are
-    reset afterwards."""
-    params = [p for p in s.f.parameters()] if isinstance(s.f, nn.Module) else []
-
-    def run():
-        with torch.enable_grad():
-            a = s.x.detach().clone().requires_grad_(True)
-            out = s.f(a)
-            of = out.reshape(out.shape[0], -1)
-            cols = []
-            for k in range(of.shape[1]):
-                m = torch.zeros_like(of)
-                m[:, k] = 1
-                of.backward(m, retain_graph=True)
-                cols.append(a.grad.reshape(a.shape[0], -1))
-                a.grad = None
-            for p in params:
-                p.grad = None
-            return (torch.stack(cols, 1).reshape(*out.shape, *a.shape[1:]),)
-
-    return run
-
-
-def seed001_loop(s: Setup) -> Runner:
-    """Seed 001's code: per output component, ``continuous_diff`` (autograd.grad with create_graph=True)
-    for the gradient and once more per input coordinate: ``(J [B, m, n], H [B, m, n, n])``."""
-
-    def continuous_diff(x, y):
-        return torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True, create_graph=True)[0]
-
-    def run():
-        with torch.enable_grad():
-            x = s.x.detach().requires_grad_(True)
-            output = s.f(x)
-            J, H = [], []
-            for k in range(output.shape[1]):
-                y = output[:, k]
-                dx = continuous_diff(x, y)
-                H.append(torch.stack([continuous_diff(x, dx[:, i]) for i in range(x.shape[1])], 1))
-                J.append(dx)
-            return torch.stack(J, 1).detach(), torch.stack(H, 1).detach()
-
-    return run
-
-
-def td_jet(spec_pairs: bool = False) -> Builder:
-    """``(J, H)`` from one ``torchderiv.partials`` pass over every multi-index of order 1 and 2, or from
-    ``torchderiv.jacobian`` + ``torchderiv.hessian`` (two passes) with ``spec_pairs=False``."""
-
-    def build(s: Setup) -> Runner:
-        n = s.n
-        if not spec_pairs:
-            return lambda: (torchderiv_jacobian(s), torchderiv_hessian(s))
-        spec = [(i,) for i in range(n)] + [(i, j) for i in range(n) for j in range(i, n)]
-        idx = torch.tensor([spec.index((min(i, j), max(i, j))) - n for i in range(n) for j in range(n)])
-
-        def run():
-            d = torchderiv.partials(s.f, s.x, spec)
-            parts = list(d.values())
-            J = torch.stack(parts[:n], -1)
-            H = torch.stack(parts[n:], -1).index_select(-1, idx.to(J.device))
-            return J.detach(), H.reshape(*H.shape[:-1], n, n).detach()
-
-        return run
-
-    return build
-
-
-def torchderiv_jacobian(s):
-    return torchderiv.jacobian(s.f, s.x).detach()
-
-
-def torchderiv_hessian(s):
-    return torchderiv.hessian(s.f, s.x).detach()
-
-
-def _deepxde():
-    """The DeepXDE module with the PyTorch backend, or None when it is not installed."""
-    os.environ.setdefault("DDE_BACKEND", "pytorch")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it announces its backend on stdout
-            dde = importlib.import_module("deepxde")
-    except Exception:  # noqa: BLE001 - any import failure means: not available
-        return None
-    if dde.backend.backend_name != "pytorch":
-        raise RuntimeError(f"DeepXDE uses the {dde.backend.backend_name} backend; set DDE_BACKEND=pytorch")
-    return dde
-
-
-def dde_jacobian(s: Setup) -> Runner:
-    dde = _deepxde()
-
-    def run():
-        with torch.enable_grad():
-            x = s.x.detach().requires_grad_(True)
-            y = s.f(x)
-            cols = [torch.cat([dde.grad.jacobian(y, x, i=k, j=j) for j in range(s.n)], 1)
-                    for k in range(y.shape[1])]
-            dde.grad.clear()
-            return (torch.stack(cols, 1).detach(),)
-
-    return run
-
-
-def dde_jet(s: Setup) -> Runner:
-    dde = _deepxde()
-    n = s.n
-
-    def run():
-        with torch.enable_grad():
-            x = s.x.detach().requires_grad_(True)
-            y = s.f(x)
-            m = y.shape[1]
-            J = torch.stack([torch.cat([dde.grad.jacobian(y, x, i=k, j=j) for j in range(n)], 1)
-                             for k in range(m)], 1)
-            H = torch.stack([torch.stack([torch.cat([dde.grad.hessian(y, x, component=k, i=i, j=j)
-                                                     for j in range(n)], 1) for i in range(n)], 1)
-                             for k in range(m)], 1)
-            dde.grad.clear()
-            return J.detach(), H.detach()
-
-    return run
-
-
-def dde_laplacian(s: Setup) -> Runner:
-    dde = _deepxde()
-
-    def run():
-        with torch.enable_grad():
-            x = s.x.detach().requires_grad_(True)
-            y = s.f(x)
-            lap = sum(dde.grad.hessian(y, x, i=i, j=i) for i in range(s.n))
-            dde.grad.clear()
-            return (lap.detach(),)
-
-    return run
-
-
-def dde_available() -> bool:
-    """Whether DeepXDE is installed (checked without importing it: the import is slow)."""
-    return importlib.util.find_spec("deepxde") is not None
-
-
-# ----------------------------------------------------------------------------- PINN training step
-
-
-def pinn_step(lap_fn: Callable[[Callable, torch.Tensor], torch.Tensor]) -> Builder:
-    """``loss = mean(lap(f)(x)^2); loss.backward()``: returns ``(lap, all parameter gradients)``."""
-
-    def build(s: Setup) -> Runner:
-        params = list(s.f.parameters())
-
-        def run():
-            with torch.enable_grad():
-                for p in params:
-                    p.grad = None
-                lap = lap_fn(s.f, s.x)
-                loss = (lap**2).mean()
-                loss.backward()
-                # parameters the Laplacian does not depend on (the output bias) get no gradient
-                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-                return lap.detach(), torch.cat([g.reshape(-1) for g in grads])
-
-        return run
-
-    return build
-
-
-def _lap_autograd(f, x):
-    x = x.detach().requires_grad_(True)
-    return M.ag_laplacian_graph(x, f(x), create_graph=True)
-
-
-def _lap_torchderiv(f, x):
-    return torchderiv.laplacian(f, x)
-
-
-def _lap_vmap_hessian(f, x):
-    H = torch.func.vmap(torch.func.hessian(M.per_sample(f)))(x)  # [B, 1, n, n]
-    return H.diagonal(0, -2, -1).sum(-1)
-
-
-def _lap_dde(f, x):
-    dde = _deepxde()
-    x = x.detach().requires_grad_(True)
-    y = f(x)
-    lap = sum(dde.grad.hessian(y, x, i=i, j=i) for i in range(x.shape[1]))
-    dde.grad.clear()
-    return lap
-
-
 # ----------------------------------------------------------------------------- the scenarios
 
 
-def _jacobian_methods(slow_af: bool, dde: bool) -> list[Method]:
+def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
+    """Methods of seeds 000 and 002; with ``slow`` (400 outputs) the seed's full Jacobian is timed once,
+    and the other per-output loops once in --quick mode."""
     ms = [
         Method("torchderiv.jacobian", M.td_op("jacobian"), kind="torchderiv"),
-        Method("autograd.functional.jacobian + diagonal", af_jacobian_diagonal(False), slow=slow_af),
+        Method("autograd.functional.jacobian + diagonal", af_jacobian_diagonal(False), slow=slow),
         Method("autograd.functional.jacobian(vectorize=True) + diagonal", af_jacobian_diagonal(True),
-               slow=slow_af),
-        Method("autograd.grad loop over outputs", M.ag_jacobian),
-        Method("backward + sampling vectors (seed 002)", backward_sampling),
+               quick_once=slow),
+        Method("autograd.grad loop over outputs", M.ag_jacobian, quick_once=slow),
+        Method("backward + sampling vectors (seed 002)", backward_sampling, quick_once=slow),
         Method("torch.func.jvp", M.tf_jvp),
         Method("vmap(jacfwd)", M.tf_jacobian("jacfwd")),
         Method("vmap(jacrev)", M.tf_jacobian("jacrev")),
@@ -363,7 +161,7 @@ def build_registry() -> None:
         notes=list(note)))
 
     seed001 = [
-        Method("seed 001 loop (autograd.grad, create_graph)", seed001_loop),
+        Method("seed 001 loop (autograd.grad, create_graph)", seed001_loop, quick_once=True),
         Method("vmap(hessian) (+J as aux)", M.tf_hessian("hessian", with_jacobian=True)),
         Method("vmap(jacfwd(jacfwd)) (+J as aux)", M.tf_hessian("jacfwd(jacfwd)", with_jacobian=True)),
         Method("torchderiv.partials (orders 1,2)", td_jet(spec_pairs=True), kind="torchderiv"),
@@ -381,7 +179,7 @@ def build_registry() -> None:
         notes=list(note)))
 
     lap = [
-        Method("autograd.grad nested loop", M.ag_laplacian),
+        Method("autograd.grad nested loop", M.ag_laplacian, quick_once=True),
         Method("vmap(hessian) trace", M.tf_laplacian("hessian")),
         Method("vmap(jacrev(jacrev)) trace", M.tf_laplacian("jacrev(jacrev)")),
         Method("torchderiv.laplacian", M.td_op("laplacian"), kind="torchderiv"),
@@ -398,12 +196,12 @@ def build_registry() -> None:
         notes=list(note) + ["vmap(hessian) is torch.func's forward-over-reverse, jacfwd(jacrev)"]))
 
     pinn = [
-        Method("autograd.grad loop (create_graph) + backward", pinn_step(_lap_autograd)),
-        Method("vmap(hessian) trace + backward", pinn_step(_lap_vmap_hessian)),
-        Method("torchderiv.laplacian + backward", pinn_step(_lap_torchderiv), kind="torchderiv"),
+        Method("autograd.grad loop (create_graph) + backward", pinn_step(lap_autograd)),
+        Method("vmap(hessian) trace + backward", pinn_step(lap_vmap_hessian)),
+        Method("torchderiv.laplacian + backward", pinn_step(lap_torchderiv), kind="torchderiv"),
     ]
     if dde:
-        pinn.append(Method("deepxde dde.grad.hessian + backward", pinn_step(_lap_dde)))
+        pinn.append(Method("deepxde dde.grad.hessian + backward", pinn_step(lap_dde)))
     register(Scenario(
         "pinn-poisson", "PINN step: loss = mean(laplacian^2), loss.backward(), 3->64->64->64->1 tanh, B=2048",
         _seeded(lambda: Setup(mlp(3, 64, 64, 64, 1), torch.rand(2048, 3))),

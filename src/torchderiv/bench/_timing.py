@@ -88,46 +88,6 @@ class TimingPolicy:
     max_inner: int = 1000
 
 
-def measure(fn: Callable[[], object], device: torch.device, policy: TimingPolicy, slow: bool = False,
-            scale: float = 1.0) -> tuple[Timing, object]:
-    """Time ``fn``; returns the timing and the result of the last call (checked against the reference)."""
-    gc.collect()
-    if slow:
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        return Timing([(time.perf_counter() - t0) * scale], 1, True, scale, 0), out
-
-    out = None
-    t_est = 0.0
-    for _ in range(max(1, policy.warmup)):
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        t_est = time.perf_counter() - t0
-    n_inner = max(1, min(policy.max_inner, math.ceil(policy.min_sample_s / max(t_est, 1e-7))))
-    samples: list[float] = []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(max(1, policy.repeat)):
-            synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(n_inner):
-                out = fn()
-            synchronize(device)
-            samples.append((time.perf_counter() - t0) / n_inner * scale)
-            if len(samples) >= policy.min_repeat and time.perf_counter() - start > policy.budget_s:
-                break
-    finally:
-        if gc_was:
-            gc.enable()
-    return Timing(samples, n_inner, False, scale, max(1, policy.warmup)), out
-
-
 @dataclass
 class Candidate:
     """One function to time in :func:`measure_interleaved`."""

@@ -1,0 +1,461 @@
+"""Input validation, row-mixing detection, the untraceable-f fallback and chunking."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, ref_hessian, ref_jacobian, ref_laplacian, ref_partials
+from torch import nn
+from torch.func import jacrev
+
+import torchderiv as td
+from torchderiv import BatchMixingError
+
+DT = torch.float64
+
+
+def _x(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=DT, generator=g)
+
+
+def square(x):
+    return torch.sin(x) * x
+
+
+def scalar_out(x):
+    return torch.sin(x).sum(-1, keepdim=True)
+
+
+# every public function as f, x, **kwargs -> result (partials with a small spec)
+FUNCS = {
+    "jacobian": td.jacobian,
+    "jacobian_diagonal": td.jacobian_diagonal,
+    "hessian": td.hessian,
+    "hessian_diagonal": td.hessian_diagonal,
+    "laplacian": td.laplacian,
+    "divergence": td.divergence,
+    "biharmonic": td.biharmonic,
+    "partials": lambda f, x, **kw: td.partials(f, x, [(), (0,), (0, 1)], **kw),
+}
+WITH_METHOD = ["jacobian", "jacobian_diagonal", "hessian", "hessian_diagonal", "laplacian", "divergence"]
+all_funcs = pytest.mark.parametrize("fname", list(FUNCS))
+
+
+def _method_variants():
+    out = []
+    for name in FUNCS:
+        for m in (["forward", "reverse"] if name in WITH_METHOD else [None]):
+            out.append((name, m))
+    return out
+
+
+func_methods = pytest.mark.parametrize("fname,method", _method_variants(),
+                                       ids=[f"{n}-{m}" if m else n for n, m in _method_variants()])
+
+
+def call(fname, f, x, method=None, **kw):
+    if method is not None:
+        kw["method"] = method
+    return FUNCS[fname](f, x, **kw)
+
+
+# ============================================================================ bad x / f
+
+
+@all_funcs
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_non_floating_x(fname, dtype):
+    x = torch.ones(3, 2, dtype=dtype)
+    with pytest.raises(TypeError, match=r"\bx\b.*floating"):
+        call(fname, square, x)
+
+
+@all_funcs
+@pytest.mark.parametrize("x", [[[1.0, 2.0]], np.ones((3, 2)), 1.5, None], ids=["list", "ndarray", "float", "None"])
+def test_x_not_a_tensor(fname, x):
+    with pytest.raises(TypeError, match=r"\bx must be a torch.Tensor"):
+        call(fname, square, x)
+
+
+@all_funcs
+def test_f_not_callable(fname):
+    with pytest.raises(TypeError, match=r"\bf must be callable"):
+        call(fname, 3, _x(3, 2))
+
+
+@all_funcs
+def test_zero_dim_x_with_batched(fname):
+    with pytest.raises(ValueError, match="batched=False"):
+        call(fname, torch.sin, torch.tensor(0.5, dtype=DT))
+
+
+@func_methods
+@pytest.mark.parametrize("bad", [lambda x: (x, x), lambda x: [torch.sin(x)], lambda x: 1.0, lambda x: {"y": x}],
+                         ids=["tuple", "list", "float", "dict"])
+def test_f_must_return_one_tensor(fname, method, bad):
+    with pytest.raises(TypeError, match=r"f must return a single tensor"):
+        call(fname, bad, _x(3, 2), method)
+
+
+@func_methods
+@pytest.mark.parametrize("bad", [
+    lambda x: (torch.sin(x) ** 2).sum(),  # sums over the batch too
+    lambda x: torch.zeros(5, dtype=x.dtype),  # ignores the batch
+    lambda x: torch.sin(x).reshape(-1),  # flattens the batch away
+], ids=["sum_all", "constant_no_batch", "flatten"])
+def test_f_output_without_batch_dimension(fname, method, bad):
+    with pytest.raises(ValueError, match="batch"):
+        call(fname, bad, _x(3, 2), method)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse", "auto"])
+@pytest.mark.parametrize("fname", ["jacobian_diagonal", "divergence"])
+def test_diagonal_of_non_square_map(fname, method):
+    with pytest.raises(ValueError, match="output shape equals its input shape"):
+        call(fname, scalar_out, _x(3, 2), method)
+    with pytest.raises(ValueError, match="output shape equals its input shape"):
+        call(fname, lambda x: torch.sin(x).unsqueeze(-1), _x(3, 2), method)  # same numel, other shape
+
+
+@all_funcs
+@pytest.mark.parametrize("chunk", [0, -1, 1.5, "2", True], ids=["0", "-1", "1.5", "str", "True"])
+def test_bad_chunk_size(fname, chunk):
+    with pytest.raises(ValueError, match="chunk_size"):
+        call(fname, square, _x(3, 2), chunk_size=chunk)
+
+
+@pytest.mark.parametrize("fname", WITH_METHOD)
+@pytest.mark.parametrize("method", ["backward", "Forward", "", None, "jvp"])
+def test_unknown_method(fname, method):
+    with pytest.raises(ValueError, match="method"):
+        FUNCS[fname](square, _x(3, 2), method=method)
+
+
+# ============================================================================ laplacian / biharmonic arguments
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+@pytest.mark.parametrize("dims,match", [
+    ([0, 3], "dims"), ([-1], "dims"), ([3], "dims"), ([0.0], "dims"), ([1, 1], "duplicates"), ([0, 2, 0], "duplicates"),
+])
+def test_laplacian_bad_dims(dims, match, method):
+    with pytest.raises(ValueError, match=match):
+        td.laplacian(scalar_out, _x(3, 3), dims=dims, method=method)
+
+
+def test_laplacian_dims_not_a_sequence():
+    with pytest.raises((TypeError, ValueError), match="dims"):
+        td.laplacian(scalar_out, _x(3, 3), dims=1)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+@pytest.mark.parametrize("dims,weights,match", [
+    (None, torch.eye(2), r"weights must be a \[3, 3\]"),
+    ([0, 1], torch.eye(3), r"weights must be a \[2, 2\]"),
+    (None, torch.ones(3), "weights must be a"),
+    (None, torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "symmetric"),
+    ([0, 2], [[1.0, 0.3], [0.2, 1.0]], "symmetric"),
+])
+def test_laplacian_bad_weights(dims, weights, match, method):
+    with pytest.raises(ValueError, match=match):
+        td.laplacian(scalar_out, _x(3, 3), dims=dims, weights=weights, method=method)
+
+
+def test_laplacian_weights_as_nested_list():
+    x = _x(3, 3)
+    C = [[1.0, 0.5], [0.5, 2.0]]
+    assert_close(td.laplacian(scalar_out, x, dims=[0, 2], weights=C),
+                 ref_laplacian(scalar_out, x, dims=[0, 2], weights=torch.tensor(C, dtype=DT)))
+
+
+@pytest.mark.parametrize("dims,match", [([0, 3], "dims"), ([-1], "dims"), ([1, 1], "duplicates")])
+def test_biharmonic_bad_dims(dims, match):
+    with pytest.raises(ValueError, match=match):
+        td.biharmonic(scalar_out, _x(3, 3), dims=dims)
+
+
+# ============================================================================ partials spec
+
+
+@pytest.mark.parametrize("spec,coords,exc,match", [
+    (["tq"], "txy", ValueError, r"unknown coordinate name.*'q'"),
+    ([(0, 3)], None, ValueError, "out of range"),
+    ([(-1,)], None, ValueError, "out of range"),
+    ([(0, 1), (0, 1)], None, ValueError, "duplicate"),
+    (["tx", "tx"], "txy", ValueError, "duplicate"),
+    ([[0, 1]], None, TypeError, "malformed"),
+    ([0.5], None, TypeError, "malformed"),
+    ([0], None, TypeError, "malformed"),
+    ([(0, 1.0)], None, TypeError, "malformed"),
+    ([(True,)], None, TypeError, "malformed"),
+    ([None], None, TypeError, "malformed"),
+    (["xx"], None, ValueError, "coords"),
+    (["xx"], "xy", ValueError, "coords"),
+    (["xx"], "xxy", ValueError, "duplicate"),
+    ("xx", "txy", TypeError, "spec"),
+    ((0, 1), None, TypeError, "spec"),
+    (None, None, TypeError, "spec"),
+    (5, None, TypeError, "spec"),
+], ids=["unknown_name", "index_oor", "negative_index", "duplicate", "duplicate_str", "list_entry", "float_entry",
+        "int_entry", "float_in_tuple", "bool_in_tuple", "none_entry", "str_without_coords", "coords_too_short",
+        "coords_duplicate_names", "spec_is_str", "spec_is_tuple", "spec_none", "spec_int"])
+def test_partials_bad_spec(spec, coords, exc, match):
+    with pytest.raises(exc, match=match):
+        td.partials(scalar_out, _x(3, 3), spec, coords=coords)
+
+
+def test_partials_keys_as_given():
+    x = _x(3, 3)
+    d = td.partials(scalar_out, x, ["", "t", "xy", "yx", "yyt"], coords="txy")
+    assert list(d) == ["", "t", "xy", "yx", "yyt"]
+    assert_close(d["xy"], d["yx"])
+    ref = ref_partials(scalar_out, x, [(1, 2), (0, 2, 2)])
+    assert_close(d["xy"], ref[(1, 2)])
+    assert_close(d["yyt"], ref[(0, 2, 2)])
+    d = td.partials(scalar_out, x, ["", "b"], coords=["a", "b", "c"])  # coords as a list of names
+    assert_close(d["b"], ref_partials(scalar_out, x, [(1,)])[(1,)])
+    assert td.partials(scalar_out, x, []) == {}
+
+
+# ============================================================================ row mixing
+
+torch.manual_seed(0)
+_W = torch.randn(3, 4, dtype=DT)
+
+
+def _bn_train_module():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT).train()
+
+
+MIXERS = {
+    "batch_norm_train": (lambda x: torch.tanh(F.batch_norm(x @ _W, None, None, training=True)), "batch_norm"),
+    "minus_batch_mean": (lambda x: torch.tanh(x - x.mean(0)), "mean"),
+    "batch_sum_broadcast": (lambda x: torch.sin(x * x.sum(0, keepdim=True)), "sum"),
+    "softmax_over_batch": (lambda x: torch.softmax(x @ _W, 0), "softmax"),
+    "attention_across_batch": (lambda x: torch.softmax(x @ x.T, -1) @ x, "mm"),
+    "gram": (lambda x: torch.tanh(x @ x.T), "mm"),
+    "cumsum_over_batch": (lambda x: torch.sin(x).cumsum(0), "cumsum"),
+    "row_shift": (lambda x: torch.sin(x) * torch.cat([x[1:], x[:1]], 0), "slice"),
+}
+mixers = pytest.mark.parametrize("mixer", list(MIXERS))
+
+
+@mixers
+@func_methods
+def test_row_mixing_raises(mixer, fname, method):
+    f, opname = MIXERS[mixer]
+    with pytest.raises(BatchMixingError, match=rf"`aten\.\w*{opname}\w*\.\w+`.*batched=False") as ei:
+        call(fname, f, _x(4, 3), method)
+    assert isinstance(ei.value, ValueError)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_batchnorm_module_in_training_mode_raises(method):
+    net = _bn_train_module()
+    with pytest.raises(BatchMixingError, match=r"native_batch_norm.*batched=False"):
+        td.jacobian(net, _x(4, 3), method=method)
+    with pytest.raises(BatchMixingError, match="batched=False"):
+        td.laplacian(net, _x(4, 3))
+
+
+def test_batchnorm_module_in_eval_mode_is_per_sample():
+    net = _bn_train_module()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = _x(4, 3)
+    assert_close(td.jacobian(net, x), ref_jacobian(net, x))
+    assert_close(td.hessian(net, x), ref_hessian(net, x))
+
+
+@mixers
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_row_mixing_unbatched_jacobian(mixer, method):
+    """batched=False treats x as one point: the full Jacobian including the cross-row blocks."""
+    f, _ = MIXERS[mixer]
+    x = _x(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        J = td.jacobian(f, x, batched=False, method=method)
+    assert_close(J, jacrev(f)(x), msg=mixer)
+
+
+@mixers
+def test_row_mixing_unbatched_higher_orders(mixer):
+    f, _ = MIXERS[mixer]
+    x = _x(3, 3)
+    H = jacrev(jacrev(f))(x)
+    assert_close(td.hessian(f, x, batched=False, method="forward"), H, msg=f"{mixer} hessian")
+    assert_close(td.hessian(f, x, batched=False, method="reverse"), H, msg=f"{mixer} hessian reverse")
+    n = x.numel()
+    Hf = H.reshape(*H.shape[: H.dim() - 4], n, n)
+    assert_close(td.laplacian(f, x, batched=False), Hf.diagonal(dim1=-2, dim2=-1).sum(-1), msg=f"{mixer} laplacian")
+    spec = [(0, 4), (1, 4, 7), (2, 2, 5), (0, 3, 3, 8)]
+    d = td.partials(f, x, spec, batched=False)
+    ref = ref_partials(lambda xb: f(xb[0]).unsqueeze(0), x.unsqueeze(0), spec)  # x as a batch of one point
+    for k in spec:
+        assert_close(d[k], ref[k][0], msg=f"{mixer} partial {k}")
+
+
+def test_batch_dimension_moved_into_output_is_row_mixing():
+    """With B equal to the feature size, transposing puts the batch in dim 1: output row b then depends on
+    every sample, so per-sample derivatives are meaningless and must be refused, not silently computed."""
+    x = _x(3, 3)
+    for f in (lambda x: torch.sin(x).t(), lambda x: torch.sin(x.transpose(0, 1)), lambda x: torch.sin(x).permute(1, 0)):
+        for method in ("forward", "reverse"):
+            with pytest.raises(BatchMixingError):
+                td.jacobian(f, x, method=method)
+        with pytest.raises(BatchMixingError):
+            td.hessian(f, x)
+
+
+def test_batch_dimension_kept_through_transposes():
+    """Transposes that bring the batch back to dim 0 are fine."""
+    x = _x(3, 2, 4)
+    f = lambda x: torch.sin(x.transpose(0, 2)).permute(2, 0, 1) * 2.0  # noqa: E731
+    assert_close(td.jacobian(f, x), ref_jacobian(f, x))
+    assert_close(td.hessian(f, x), ref_hessian(f, x))
+
+
+# ============================================================================ untraceable f
+
+
+def _branchy(x):
+    # data-dependent Python control flow (make_fx cannot trace it); the branch is the same for every row
+    if bool(torch.isfinite(x).all()):
+        return torch.sin(x) * x.sum(-1, keepdim=True)
+    return torch.zeros_like(x)
+
+
+def _branch_free(x):
+    return torch.sin(x) * x.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("what", ["jacobian_fwd", "jacobian_rev", "hessian_fwd", "hessian_rev", "hessian_diagonal",
+                                  "laplacian", "laplacian_weights", "divergence", "partials", "biharmonic"])
+def test_untraceable_f_falls_back_with_warning(what):
+    x = _x(3, 3)
+    calls = {
+        "jacobian_fwd": (lambda f: td.jacobian(f, x, method="forward"), lambda: ref_jacobian(_branch_free, x)),
+        "jacobian_rev": (lambda f: td.jacobian(f, x, method="reverse"), lambda: ref_jacobian(_branch_free, x)),
+        "hessian_fwd": (lambda f: td.hessian(f, x, method="forward"), lambda: ref_hessian(_branch_free, x)),
+        "hessian_rev": (lambda f: td.hessian(f, x, method="reverse"), lambda: ref_hessian(_branch_free, x)),
+        "hessian_diagonal": (lambda f: td.hessian_diagonal(f, x),
+                             lambda: ref_hessian(_branch_free, x).diagonal(dim1=-2, dim2=-1)),
+        "laplacian": (lambda f: td.laplacian(f, x), lambda: ref_laplacian(_branch_free, x)),
+        "laplacian_weights": (lambda f: td.laplacian(f, x, dims=[0, 2], weights=[[1.0, 0.5], [0.5, 3.0]]),
+                              lambda: ref_laplacian(_branch_free, x, [0, 2], [[1.0, 0.5], [0.5, 3.0]])),
+        "divergence": (lambda f: td.divergence(f, x),
+                       lambda: ref_jacobian(_branch_free, x).diagonal(dim1=-2, dim2=-1).sum(-1)),
+        "partials": (lambda f: td.partials(f, x, [(), (1,), (0, 2), (0, 1, 2), (1, 1, 2, 2)]),
+                     lambda: ref_partials(_branch_free, x, [(), (1,), (0, 2), (0, 1, 2), (1, 1, 2, 2)])),
+        "biharmonic": (lambda f: td.biharmonic(f, x), None),
+    }
+    run, ref = calls[what]
+    f = lambda x: _branchy(x)  # noqa: E731 - a fresh callable: nothing cached for it
+    if what not in ("jacobian_rev", "hessian_rev"):
+        with pytest.warns(UserWarning, match="could not be traced"):
+            got = run(f)
+    else:  # the torch.func reverse paths do not need a trace; a warning is allowed, not required
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            got = run(f)
+    if what == "biharmonic":
+        expected = run(_branch_free)
+    else:
+        expected = ref()
+    if isinstance(got, dict):
+        for k in got:
+            assert_close(got[k], expected[k], msg=f"{what} {k}")
+    else:
+        assert_close(got, expected, msg=what)
+
+
+def test_untraceable_row_mixing_f_unbatched():
+    def f(x):
+        if x.sum() > -1e9:
+            return torch.tanh(x - x.mean(0))
+        return x
+
+    x = _x(3, 2)
+    with pytest.warns(UserWarning, match="could not be traced"):
+        J = td.jacobian(f, x, batched=False, method="forward")
+    assert_close(J, jacrev(f)(x))
+
+
+def test_function_with_default_arguments_is_traced():
+    """A plain ``def f(x, scale=2.0)`` has one tensor argument: it must take the fast (traced) path."""
+
+    def f(x, scale=2.0):
+        return scale * torch.sin(x)
+
+    x = _x(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        J = td.jacobian(f, x, method="forward")
+    assert_close(J, ref_jacobian(f, x))
+
+
+# ============================================================================ chunking
+
+
+@pytest.fixture(scope="module")
+def chunk_net():
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 2)).to(DT)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 100])
+def test_chunk_size_gives_same_results(chunk_net, chunk):
+    x = _x(4, 3, seed=1)
+    net = chunk_net
+    spec = [(), (0,), (2,), (1, 2), (2, 2), (0, 1, 2), (2, 2, 2), (0, 0, 1, 1), (1, 2, 2, 2)]
+    C = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 1.5]], dtype=DT)
+    for method in ("forward", "reverse"):
+        assert_close(td.jacobian(net, x, method=method, chunk_size=chunk), td.jacobian(net, x, method=method),
+                     msg=f"jacobian {method}")
+        assert_close(td.hessian(net, x, method=method, chunk_size=chunk), td.hessian(net, x, method=method),
+                     msg=f"hessian {method}")
+        assert_close(td.hessian_diagonal(net, x, method=method, chunk_size=chunk),
+                     td.hessian_diagonal(net, x, method=method), msg=f"hessian_diagonal {method}")
+        assert_close(td.laplacian(net, x, method=method, chunk_size=chunk), td.laplacian(net, x, method=method),
+                     msg=f"laplacian {method}")
+        assert_close(td.laplacian(net, x, dims=[0, 1, 2], weights=C, method=method, chunk_size=chunk),
+                     td.laplacian(net, x, dims=[0, 1, 2], weights=C, method=method), msg="weighted laplacian")
+    got = td.partials(net, x, spec, chunk_size=chunk)
+    full = td.partials(net, x, spec)
+    assert list(got) == spec
+    for k in spec:
+        assert_close(got[k], full[k], msg=f"partials {k}")
+    assert_close(td.biharmonic(net, x, chunk_size=chunk), td.biharmonic(net, x), msg="biharmonic")
+    assert_close(td.biharmonic(net, x, dims=[0, 2], chunk_size=chunk), td.biharmonic(net, x, dims=[0, 2]),
+                 msg="biharmonic dims")
+    # and against the references
+    assert_close(td.jacobian(net, x, chunk_size=chunk), ref_jacobian(net, x))
+    assert_close(td.hessian(net, x, chunk_size=chunk), ref_hessian(net, x))
+    assert_close(td.laplacian(net, x, chunk_size=chunk), ref_laplacian(net, x))
+
+
+def test_chunk_size_square_map():
+    x = _x(4, 5)
+    f = lambda x: torch.tanh(x) * x.sum(-1, keepdim=True)  # noqa: E731
+    for method in ("forward", "reverse"):
+        assert_close(td.jacobian_diagonal(f, x, method=method, chunk_size=2), td.jacobian_diagonal(f, x))
+        assert_close(td.divergence(f, x, method=method, chunk_size=3), td.divergence(f, x))
+
+
+def test_chunk_size_unbatched():
+    x = _x(6)
+    f = lambda x: torch.sin(x) * x.sum()  # noqa: E731
+    assert_close(td.jacobian(f, x, batched=False, chunk_size=2), jacrev(f)(x))
+    assert_close(td.hessian(f, x, batched=False, chunk_size=4), jacrev(jacrev(f))(x))
+    d = td.partials(f, x, [(0,), (1, 2), (0, 1, 5)], batched=False, chunk_size=1)
+    T = jacrev(jacrev(jacrev(f)))(x)
+    assert_close(d[(0, 1, 5)], T[..., 0, 1, 5])

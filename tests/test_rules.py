@@ -1,0 +1,560 @@
+"""Every rule of the registry, one op at a time, at orders 1..4 in float64 against torch.func / autograd.
+
+Each case is a small function of ``x`` ``[B, *in]`` in which the op under test acts on an input-dependent
+tensor (``h = x @ W`` mixes the coordinates, so mixed partials are non-trivial). The test checks that the
+op really appears in the captured ATen graph (so the rule is the code path exercised), then compares
+``torchderiv.partials`` of orders 0..4 with the reference. Shape / linear ops are tested both on a tensor
+whose Taylor coefficients are still batch-broadcast (right after ``x @ W``) and after a nonlinearity.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, ref_partials
+from torch import nn
+
+import torchderiv as td
+from torchderiv import _coverage, _engine
+from torchderiv._capture import capture
+from torchderiv._rules import RULES
+
+aten = torch.ops.aten
+DT = torch.float64
+B = 3
+
+_G = torch.Generator().manual_seed(1234)
+
+
+def rnd(*shape, lo=-1.0, hi=1.0):
+    return lo + (hi - lo) * torch.rand(*shape, dtype=DT, generator=_G)
+
+
+# fixed parameters shared by the cases (n = 3 inputs -> width 6)
+W = rnd(3, 6)  # mixing
+W2 = rnd(3, 6)
+WP = rnd(3, 6, lo=0.2, hi=0.6)  # positive (with x > 0: h > 0)
+M = rnd(6, 4)
+M3 = rnd(3, 4)
+
+
+def h(x):  # general-purpose input-dependent tensor [B, 6], values about [-2, 2]
+    return x @ W
+
+
+def h2(x):
+    return x @ W2
+
+
+def hpos(x):  # positive for x in [0.5, 1.5]: about [0.3, 3.6]
+    return x @ WP + 0.3
+
+
+def hsmall(x):  # |h| < 0.85 for x in [-1, 1]
+    return 0.25 * (x @ W)
+
+
+@dataclass
+class Case:
+    name: str
+    fn: Callable
+    ops: tuple  # ATen ops that must appear in the captured graph
+    in_shape: tuple = (3,)
+    lo: float = -1.0
+    hi: float = 1.0
+    ref: Callable | None = None  # reference twin (manual decomposition) where torch's own AD is unreliable
+    batched: bool = True
+    max_order: int = 4
+    atol: float = 1e-8
+    rtol: float = 1e-6
+
+    def x(self):
+        g = torch.Generator().manual_seed(hash(self.name) % 2**31)
+        shape = (B, *self.in_shape) if self.batched else self.in_shape
+        return self.lo + (self.hi - self.lo) * torch.rand(*shape, dtype=DT, generator=g)
+
+
+CASES: list[Case] = []
+
+
+def _then(*fs):
+    """Composition ``fs[-1](...fs[0](x))`` as a one-argument function (make_fx traces every parameter of f,
+    so no default-argument lambdas here)."""
+
+    def f(x):
+        for g in fs:
+            x = g(x)
+        return x
+
+    return f
+
+
+def _times(f, g):
+    return lambda x: f(x) * g(x)
+
+
+def case(name, fn, ops, **kw):
+    CASES.append(Case(name, fn, tuple(ops) if isinstance(ops, (list, tuple)) else (ops,), **kw))
+
+
+# ============================================================================ elementwise functions
+
+POS = {"lo": 0.5, "hi": 1.5}
+general = [
+    ("tanh", torch.tanh, aten.tanh.default),
+    ("sigmoid", torch.sigmoid, aten.sigmoid.default),
+    ("exp", torch.exp, aten.exp.default),
+    ("expm1", torch.expm1, aten.expm1.default),
+    ("sin", torch.sin, aten.sin.default),
+    ("cos", torch.cos, aten.cos.default),
+    ("sinh", torch.sinh, aten.sinh.default),
+    ("cosh", torch.cosh, aten.cosh.default),
+    ("erf", torch.erf, aten.erf.default),
+    ("erfc", torch.erfc, aten.erfc.default),
+    ("atan", torch.atan, aten.atan.default),
+    ("asinh", torch.asinh, aten.asinh.default),
+    ("exp2", torch.exp2, aten.exp2.default),
+    ("silu", F.silu, aten.silu.default),
+    ("gelu_none", lambda t: F.gelu(t, approximate="none"), aten.gelu.default),
+    ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"), aten.gelu.default),
+    ("softplus", F.softplus, aten.softplus.default),
+    ("softplus_beta", lambda t: F.softplus(t, beta=2.5, threshold=8.0), aten.softplus.default),
+    ("elu", lambda t: F.elu(t, alpha=0.7), aten.elu.default),
+    ("selu", torch.selu, aten.elu.default),
+    ("pow_int", lambda t: t**3, aten.pow.Tensor_Scalar),
+    ("pow_square", torch.square, aten.pow.Tensor_Scalar),
+    ("pow_scalar_base", lambda t: 2.0**t, aten.pow.Scalar),
+    ("pow_scalar_base_frac", lambda t: 0.5**t, aten.pow.Scalar),
+]
+for name, g, op in general:
+    case(name, _then(h, g), op)
+
+positive = [
+    ("log", torch.log, aten.log.default),
+    ("log1p", torch.log1p, aten.log1p.default),
+    ("log2", torch.log2, aten.log2.default),
+    ("log10", torch.log10, aten.log10.default),
+    ("sqrt", torch.sqrt, aten.sqrt.default),
+    ("rsqrt", torch.rsqrt, aten.rsqrt.default),
+    ("reciprocal", torch.reciprocal, aten.reciprocal.default),
+    ("lgamma", torch.lgamma, aten.lgamma.default),
+    ("digamma", torch.digamma, aten.digamma.default),
+    ("pow_frac", lambda t: t**2.5, aten.pow.Tensor_Scalar),
+    ("pow_neg_frac", lambda t: t**-1.5, aten.pow.Tensor_Scalar),
+    ("pow_half", lambda t: t**0.5, aten.pow.Tensor_Scalar),
+    ("acosh", lambda t: torch.acosh(1 + t), aten.acosh.default),
+]
+for name, g, op in positive:
+    case(name, _then(hpos, g), op, **POS)
+
+small = [
+    ("tan", torch.tan, aten.tan.default),
+    ("asin", torch.asin, aten.asin.default),
+    ("acos", torch.acos, aten.acos.default),
+    ("atanh", torch.atanh, aten.atanh.default),
+]
+for name, g, op in small:
+    case(name, _then(hsmall, g), op)
+
+# softplus beyond its threshold: beta * h > threshold on part of the entries -> exactly linear there
+case("softplus_beyond_threshold", lambda x: F.softplus(3 * h(x), beta=2.0, threshold=1.0), aten.softplus.default,
+     lo=-1.5, hi=1.5)
+
+# piecewise-linear functions: times an input-dependent factor so that products of their (constant) slopes
+# reach every order; random points are almost surely away from the kinks
+piecewise = [
+    ("relu", torch.relu, aten.relu.default),
+    ("abs", torch.abs, aten.abs.default),
+    ("leaky_relu", lambda t: F.leaky_relu(t, 0.1), aten.leaky_relu.default),
+    ("hardtanh", lambda t: F.hardtanh(t, -0.5, 0.7), aten.hardtanh.default),
+    ("relu6", F.relu6, aten.hardtanh.default),
+    ("clamp", lambda t: torch.clamp(t, -0.4, 0.6), aten.clamp.default),
+    ("clamp_min", lambda t: torch.clamp(t, min=0.1), aten.clamp.default),
+    ("clamp_max", lambda t: torch.clamp(t, max=0.2), aten.clamp.default),
+]
+for name, g, op in piecewise:
+    case(name, _times(_then(h, g), lambda x: torch.sin(h2(x))), op)
+    case(name + "_alone", _then(h, g), op)
+
+# ============================================================================ arithmetic
+
+case("add_tensor", lambda x: torch.sin(h(x)) + torch.cos(h2(x)) * h(x), [aten.add.Tensor])
+case("add_alpha", lambda x: torch.add(torch.sin(h(x)), torch.exp(h2(x)), alpha=-0.7), [aten.add.Tensor])
+case("add_scalar", lambda x: torch.sin(aten.add.Scalar(torch.sin(h(x)), 0.3)), [aten.add.Scalar])
+case("sub_tensor", lambda x: torch.sin(h(x)) - torch.exp(h2(x)), [aten.sub.Tensor])
+case("sub_scalar", lambda x: torch.exp(aten.sub.Scalar(torch.sin(h(x)), 0.3)), [aten.sub.Scalar])
+case("rsub_scalar", lambda x: torch.exp(1 - torch.sin(h(x))), [aten.rsub.Scalar])
+case("rsub_tensor", lambda x: aten.rsub.Tensor(torch.sin(h(x)), torch.cos(h2(x)), alpha=2.0), [aten.rsub.Tensor])
+case("neg", lambda x: torch.exp(-torch.sin(h(x))), [aten.neg.default])
+case("mul_two_inputs", lambda x: (x @ M3) * torch.sin(x @ M3[:, [2, 0, 1, 3]]), [aten.mul.Tensor])
+case("mul_product_of_linears", lambda x: h(x) * h2(x) * h(x), [aten.mul.Tensor])
+case("mul_scalar", lambda x: torch.sin(aten.mul.Scalar(torch.sin(h(x)), 1.7)), [aten.mul.Scalar])
+case("mul_constant_tensor", lambda x: torch.sin(h(x)) * torch.linspace(-1, 2, 6, dtype=DT), [aten.mul.Tensor])
+case("div_input_denominator", lambda x: torch.sin(h(x)) / hpos(x), [aten.div.Tensor], **POS)
+case("div_both", lambda x: hpos(x) / (1.0 + torch.sin(h(x)) ** 2), [aten.div.Tensor], **POS)
+case("div_constant", lambda x: torch.sin(h(x)) / torch.linspace(1, 2, 6, dtype=DT), [aten.div.Tensor])
+case("div_scalar", lambda x: torch.exp(aten.div.Scalar(torch.sin(h(x)), 3.0)), [aten.div.Scalar])
+case("pow_tensor_tensor", lambda x: hpos(x) ** torch.sin(h(x)), [aten.pow.Tensor_Tensor], **POS)
+case("pow_tensor_tensor_const_base", lambda x: torch.full((6,), 1.7, dtype=DT) ** torch.sin(h(x)),
+     [aten.pow.Tensor_Tensor])
+case("where", lambda x: torch.where(h(x) > 0, torch.sin(h2(x)) * h(x), torch.exp(h2(x))), [aten.where.self])
+case("where_constant_branch", lambda x: torch.where(h(x) > 0.2, torch.sin(h2(x)), 0.5), [aten.where.self])
+case("maximum", lambda x: torch.maximum(torch.sin(h(x)), torch.cos(h2(x))) * h(x), [aten.maximum.default])
+case("minimum", lambda x: torch.minimum(torch.sin(h(x)), torch.cos(h2(x))) * h(x), [aten.minimum.default])
+case("maximum_constant", lambda x: torch.maximum(torch.sin(h(x)), torch.zeros(6, dtype=DT)) * torch.exp(h2(x)),
+     [aten.maximum.default])
+
+# ============================================================================ linear algebra
+
+A2 = rnd(6, 6)
+case("mm", lambda x: torch.sin(h(x)) @ A2, [aten.mm.default])
+case("mm_then_nonlinear", lambda x: torch.tanh(torch.sin(h(x)) @ A2) @ A2, [aten.mm.default])
+lin = nn.Linear(6, 4).to(DT)
+case("addmm_linear", lambda x: torch.tanh(lin(torch.sin(h(x)))), [aten.addmm.default, aten.t.default])
+case("addmm_input_bias", lambda x: torch.addmm(torch.sin(h(x)), torch.cos(h2(x)), A2, beta=0.5, alpha=2.0),
+     [aten.addmm.default])
+case("products_of_linear_maps", lambda x: (x @ M3) * (x @ M3.flip(-1)) * (x @ M3[[1, 2, 0]]), [aten.mm.default])
+
+
+def _bmm_two_inputs(x):
+    a = torch.sin(h(x)).unflatten(-1, (2, 3))  # [B, 2, 3]
+    b = torch.cos(h2(x)).unflatten(-1, (3, 2))  # [B, 3, 2]
+    return torch.bmm(a, b)
+
+
+case("bmm_two_inputs", _bmm_two_inputs, [aten.bmm.default])
+case("bmm_linear_operands", lambda x: torch.bmm(h(x).unflatten(-1, (2, 3)), h2(x).unflatten(-1, (3, 2))),
+     [aten.bmm.default])
+case("matmul_3d", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)) @ torch.cos(h2(x)).unflatten(-1, (3, 2)),
+     [aten.bmm.default])
+case("baddbmm", lambda x: torch.baddbmm(torch.sin(h(x)).unflatten(-1, (2, 3))[:, :, :2], torch.sin(h(x)).unflatten(
+    -1, (2, 3)), torch.cos(h2(x)).unflatten(-1, (3, 2)), beta=0.7, alpha=1.3), [aten.baddbmm.default])
+case("unsafe_view_matmul", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)) @ M[:3], [aten._unsafe_view.default])
+case("t_unbatched", lambda x: torch.sin((x @ W).unflatten(0, (2, 3)).t()) @ M[:2], [aten.t.default],
+     batched=False)
+
+conv1 = nn.Conv1d(2, 3, 3, padding=1).to(DT)
+conv1s = nn.Conv1d(2, 4, 2, stride=2, dilation=1, groups=2).to(DT)
+conv1t = nn.ConvTranspose1d(2, 2, 3, stride=2).to(DT)
+conv2 = nn.Conv2d(1, 2, 2).to(DT)
+conv2g = nn.Conv2d(2, 2, 3, padding=1, groups=2, bias=False).to(DT)
+CONV = {"in_shape": (2, 4)}
+case("conv1d_on_input", lambda x: torch.tanh(conv1(x)), [aten.convolution.default], **CONV)
+case("conv1d_after_nonlinear", lambda x: conv1(torch.sin(x) * x), [aten.convolution.default], **CONV)
+case("conv1d_stride_groups", lambda x: torch.tanh(conv1s(torch.sin(x) * x)), [aten.convolution.default], **CONV)
+case("conv_transpose1d", lambda x: conv1t(torch.tanh(x)) * x.sum(-1, keepdim=True), [aten.convolution.default], **CONV)
+case("conv2d", lambda x: torch.tanh(conv2(torch.sin(x))), [aten.convolution.default], in_shape=(1, 3, 3))
+case("conv2d_groups", lambda x: conv2g(torch.sin(x) * x), [aten.convolution.default], in_shape=(2, 2, 2))
+
+# ============================================================================ shape ops
+# each applied (pre) right after x @ W, where the Taylor coefficients are still batch-broadcast, then a
+# nonlinearity, and (post) to a nonlinear tensor with full coefficients
+
+CONST2 = rnd(2)
+ONES6 = torch.ones(6, dtype=DT)
+IDX = torch.tensor([4, 0, 0, 5, 2])
+shape_ops = [
+    ("view", lambda t: t.unflatten(-1, (2, 3)), [aten.view.default]),
+    ("permute", lambda t: t.unflatten(-1, (2, 3)).permute(0, 2, 1), [aten.permute.default]),
+    ("transpose", lambda t: t.unflatten(-1, (2, 3)).transpose(1, 2), [aten.transpose.int]),
+    ("expand", lambda t: t[:, :, None].expand(-1, 6, 2), [aten.expand.default, aten.unsqueeze.default]),
+    ("unsqueeze", lambda t: t.unsqueeze(1) * t.unsqueeze(2), [aten.unsqueeze.default]),
+    ("squeeze_dim", lambda t: t[:, None].squeeze(1), [aten.squeeze.dim]),
+    ("squeeze_dims", lambda t: t[:, None, :, None].squeeze((1, 3)), [aten.squeeze.dims]),
+    ("squeeze_default", lambda t: t[:, None, :, None].squeeze(), [aten.squeeze.default]),
+    ("cat", lambda t: torch.cat([t, t[:, :2] * 2.0], -1), [aten.cat.default]),
+    ("cat_with_constant", lambda t: torch.cat([CONST2.expand(t.shape[0], 2), t, CONST2.expand(t.shape[0], 2)], -1),
+     [aten.cat.default]),
+    ("stack", lambda t: torch.stack([t, 2 * t], 1), [aten.stack.default]),
+    ("stack_last_with_constant", lambda t: torch.stack([t, ONES6.expand(t.shape[0], 6)], -1), [aten.stack.default]),
+    ("slice", lambda t: t[:, 1:6:2], [aten.slice.Tensor]),
+    ("slice_inner", lambda t: t.unflatten(-1, (2, 3))[:, :, 1:], [aten.slice.Tensor]),
+    ("select", lambda t: t.unflatten(-1, (2, 3))[:, 1], [aten.select.int]),
+    ("select_last", lambda t: t.unflatten(-1, (2, 3))[..., 2], [aten.select.int]),
+    ("split", lambda t: torch.cat(t.split(4, -1)[::-1], -1), [aten.split.Tensor]),
+    ("chunk", lambda t: torch.cat(t.chunk(3, -1)[::-1], -1), [aten.split.Tensor]),
+    ("split_with_sizes", lambda t: torch.cat(t.split([1, 5], -1)[::-1], -1), [aten.split_with_sizes.default]),
+    ("unbind", lambda t: torch.stack(t.unflatten(-1, (2, 3)).unbind(1)[::-1], 1), [aten.unbind.int]),
+    ("index_select", lambda t: t.index_select(1, IDX), [aten.index_select.default]),
+    ("index_tensor", lambda t: t[:, IDX], [aten.index.Tensor]),
+    ("gather", lambda t: t.gather(1, IDX[None].expand(t.shape[0], 5)), [aten.gather.default]),
+    ("constant_pad_nd", lambda t: F.pad(t, (1, 2), value=0.5), [aten.constant_pad_nd.default]),
+    ("flip", lambda t: t.flip(-1), [aten.flip.default]),
+    ("cumsum", lambda t: t.cumsum(-1), [aten.cumsum.default]),
+    ("alias", lambda t: aten.alias.default(t), [aten.alias.default]),
+    ("clone", lambda t: t.clone(), [aten.clone.default]),
+    ("contiguous_after_transpose", lambda t: t.unflatten(-1, (2, 3)).transpose(1, 2).contiguous(),
+     [aten.clone.default]),
+    ("to_copy", lambda t: t.to(DT, copy=True), [aten._to_copy.default]),
+]
+for name, s, ops in shape_ops:
+    case(name + "_pre", _then(h, s, torch.sin), ops)
+    case(name + "_post", _then(_times(lambda x: torch.sin(h(x)), h2), s), ops)
+
+case("detach", lambda x: torch.sin(h(x)) * torch.cos(h2(x)).detach(), [aten.detach.default])
+case("lift_fresh_copy", lambda x: torch.sin(h(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=DT),
+     [aten.lift_fresh_copy.default])
+
+# ============================================================================ reductions & normalization
+
+case("sum_dim", lambda x: torch.sin(h(x)).sum(-1), [aten.sum.dim_IntList])
+case("sum_dim_keepdim", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)).sum(1, keepdim=True),
+     [aten.sum.dim_IntList])
+case("sum_pre", lambda x: torch.sin(h(x).sum(-1)), [aten.sum.dim_IntList])
+case("sum_default_unbatched", lambda x: torch.sin(x @ W).sum(), [aten.sum.default], batched=False)
+case("mean_dim", lambda x: torch.sin(h(x)).mean(-1), [aten.mean.dim])
+case("mean_pre", lambda x: torch.exp(h(x).unflatten(-1, (2, 3)).mean((1, 2))), [aten.mean.dim])
+case("mean_default_unbatched", lambda x: torch.sin(x @ W).mean(), [aten.mean.default], batched=False)
+case("var", lambda x: torch.sin(h(x)).var(-1), [aten.var.correction])
+case("var_no_correction", lambda x: torch.sin(h(x)).var(-1, correction=0, keepdim=True), [aten.var.correction])
+case("var_pre", lambda x: h(x).var(-1), [aten.var.correction])
+case("std", lambda x: torch.sin(h(x)).std(-1), [aten.var.correction, aten.sqrt.default])
+case("logsumexp", lambda x: torch.logsumexp(torch.sin(h(x)) * 2, -1), [aten.logsumexp.default])
+case("logsumexp_keepdim_pre", lambda x: torch.logsumexp(h(x).unflatten(-1, (2, 3)), (1, 2), keepdim=True),
+     [aten.logsumexp.default])
+case("softmax", lambda x: torch.softmax(torch.sin(h(x)) * 2, -1), [aten._softmax.default])
+case("softmax_pre", lambda x: torch.softmax(h(x).unflatten(-1, (2, 3)), 1), [aten._softmax.default])
+case("log_softmax", lambda x: torch.log_softmax(torch.sin(h(x)) * 2, -1), [aten._log_softmax.default])
+case("log_softmax_pre", lambda x: torch.log_softmax(h(x), -1), [aten._log_softmax.default])
+case("amax", lambda x: torch.sin(h(x)).amax(-1) * h(x)[:, 0], [aten.amax.default])
+case("amin", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)).amin(-1) * torch.exp(h2(x)[:, :2]),
+     [aten.amin.default])
+case("vector_norm", lambda x: torch.linalg.vector_norm(torch.sin(h(x)), dim=-1), [aten.linalg_vector_norm.default])
+case("vector_norm_pre", lambda x: torch.sin(h(x).norm(dim=-1, keepdim=True)), [aten.linalg_vector_norm.default])
+
+ln = nn.LayerNorm(6).to(DT)
+with torch.no_grad():
+    ln.weight.copy_(1 + 0.3 * rnd(6))
+    ln.bias.copy_(0.2 * rnd(6))
+
+
+def manual_ln(t, weight=None, bias=None, eps=1e-5, dims=(-1,)):
+    m = t.mean(dims, keepdim=True)
+    c = t - m
+    v = (c * c).mean(dims, keepdim=True)
+    out = c * torch.rsqrt(v + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+case("layer_norm", lambda x: ln(torch.sin(h(x)) * h2(x)), [aten.native_layer_norm.default],
+     ref=lambda x: manual_ln(torch.sin(h(x)) * h2(x), ln.weight, ln.bias))
+case("layer_norm_pre", lambda x: ln(h(x)), [aten.native_layer_norm.default],
+     ref=lambda x: manual_ln(h(x), ln.weight, ln.bias))
+case("layer_norm_2d_no_affine", lambda x: F.layer_norm(torch.sin(h(x)).unflatten(-1, (2, 3)), (2, 3)),
+     [aten.native_layer_norm.default],
+     ref=lambda x: manual_ln(torch.sin(h(x)).unflatten(-1, (2, 3)), dims=(-2, -1)))
+
+gn = nn.GroupNorm(2, 4).to(DT)
+with torch.no_grad():
+    gn.weight.copy_(1 + 0.3 * rnd(4))
+    gn.bias.copy_(0.2 * rnd(4))
+
+
+def manual_gn(t):
+    g = t.unflatten(1, (2, 2))  # [B, G, C/G, L]
+    out = manual_ln(g, dims=(2, 3)).flatten(1, 2)
+    return out * gn.weight[:, None] + gn.bias[:, None]
+
+
+case("group_norm", lambda x: gn(torch.sin(x @ M3).unsqueeze(-1) * x[:, None, :]), [aten.native_group_norm.default],
+     ref=lambda x: manual_gn(torch.sin(x @ M3).unsqueeze(-1) * x[:, None, :]))
+
+bn = nn.BatchNorm1d(6).to(DT)
+with torch.no_grad():
+    bn.running_mean.copy_(0.3 * rnd(6))
+    bn.running_var.copy_(rnd(6, lo=0.5, hi=2.0))
+    bn.weight.copy_(1 + 0.3 * rnd(6))
+    bn.bias.copy_(0.2 * rnd(6))
+bn.eval()
+
+
+def manual_bn(t):
+    return (t - bn.running_mean) * torch.rsqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+case("batch_norm_eval", lambda x: torch.tanh(bn(torch.sin(h(x)) * h2(x))), [aten.native_batch_norm.default],
+     ref=lambda x: torch.tanh(manual_bn(torch.sin(h(x)) * h2(x))))
+case("batch_norm_legit_no_training", lambda x: torch.tanh(aten._native_batch_norm_legit_no_training.default(
+    torch.sin(h(x)), bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, bn.eps)[0]),
+    [aten._native_batch_norm_legit_no_training.default], ref=lambda x: torch.tanh(manual_bn(torch.sin(h(x)))))
+
+# ============================================================================ pooling & upsampling (per-sample linear)
+
+IMG = {"in_shape": (1, 4, 4)}
+case("avg_pool2d", lambda x: F.avg_pool2d(torch.sin(x) * x, 2), [aten.avg_pool2d.default], **IMG)
+case("avg_pool2d_pre", lambda x: torch.sin(F.avg_pool2d(x, 2, stride=1)), [aten.avg_pool2d.default], **IMG)
+case("adaptive_avg_pool2d", lambda x: F.adaptive_avg_pool2d(torch.sin(x) * x, 2), [aten._adaptive_avg_pool2d.default],
+     **IMG)
+case("max_pool2d", lambda x: F.max_pool2d(torch.sin(x) * x, 2), [aten.max_pool2d_with_indices.default], **IMG)
+case("upsample_nearest2d", lambda x: F.interpolate(torch.sin(x) * x, scale_factor=2, mode="nearest"),
+     [aten.upsample_nearest2d.default], in_shape=(1, 2, 2))
+case("upsample_bilinear2d", lambda x: torch.sin(F.interpolate(torch.sin(x) * x, scale_factor=2, mode="bilinear",
+                                                             align_corners=False)),
+     [aten.upsample_bilinear2d.default], in_shape=(1, 2, 2))
+case("avg_pool3d", lambda x: F.avg_pool3d(torch.sin(x) * x, 2), [aten.avg_pool3d.default], in_shape=(1, 2, 2, 2))
+case("adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(torch.sin(x) * x, (1, 2, 2)),
+     [aten._adaptive_avg_pool3d.default], in_shape=(1, 2, 4, 4))
+
+# rules that no captured graph can contain: make_fx always decomposes these CompositeImplicitAutograd ops
+UNREACHABLE = {aten.reshape.default, aten.contiguous.default}
+
+
+# ============================================================================ the tests
+
+
+def spec_for(n: int, max_order: int) -> list[tuple[int, ...]]:
+    a, b, c = 0, n // 2, n - 1
+    spec = [(), (a,), (c,), (a, b), (b, b), (a, c), (a, b, c), (c, c, a), (b, b, b), (a, a, b, b), (a, b, c, c),
+            (c, c, c, c)]
+    out = []
+    for s in spec:
+        if len(s) <= max_order and s not in out:
+            out.append(s)
+    return out
+
+
+def _graph_ops(f, x):
+    gm = capture(f, x).gm
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def _reference(c: Case, x, spec):
+    f = c.ref or c.fn
+    if c.batched:
+        return ref_partials(f, x, spec)
+    r = ref_partials(lambda xb: f(xb[0]).unsqueeze(0), x.unsqueeze(0), spec)
+    return {k: v[0] for k, v in r.items()}
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
+def test_rule(c: Case):
+    x = c.x()
+    ops = _graph_ops(c.fn, x if c.batched else x)
+    missing = [str(op) for op in c.ops if op not in ops]
+    assert not missing, f"{c.name}: {missing} not in the captured graph {sorted(map(str, ops))}"
+    n = math.prod(c.in_shape)
+    spec = spec_for(n, c.max_order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning: the rule itself is used
+        got = td.partials(c.fn, x, spec, batched=c.batched)
+    expected = _reference(c, x, spec)
+    for key in spec:
+        assert_close(got[key], expected[key], atol=c.atol, rtol=c.rtol, msg=f"{c.name} partial {key}")
+
+
+def test_every_rule_has_a_case():
+    covered = {op for c in CASES for op in c.ops}
+    missing = sorted(str(op) for op in set(RULES) - covered - UNREACHABLE)
+    assert not missing, f"rules without a test case in test_rules.py: {missing}"
+
+
+def test_unreachable_rules_are_really_unreachable():
+    """reshape / contiguous never reach a rule: make_fx lowers them to view / clone."""
+    x = torch.randn(B, 6, dtype=DT)
+    ops = _graph_ops(lambda t: aten.reshape.default(t.transpose(0, 1).contiguous(), [6, B]).transpose(0, 1) * t, x)
+    assert not ops & UNREACHABLE
+
+
+def test_softplus_threshold_region_is_linear():
+    """Where beta * h > threshold PyTorch returns h itself: slope 1 and no curvature, as torchderiv gives."""
+    f = lambda x: F.softplus(x, beta=2.0, threshold=1.0)  # noqa: E731
+    x = torch.tensor([[2.0], [-0.3]], dtype=DT)
+    d = td.partials(f, x, [(0,), (0, 0), (0, 0, 0)])
+    assert d[(0,)][0, 0] == 1.0 and d[(0, 0)][0, 0] == 0.0 and d[(0, 0, 0)][0, 0] == 0.0
+    assert_close(d[(0, 0)][1], (2.0 * torch.sigmoid(2.0 * x[1]) * (1 - torch.sigmoid(2.0 * x[1]))))
+
+
+@pytest.mark.parametrize("name,fn,lo,hi", [
+    ("mish", F.mish, -1.0, 1.0),
+    ("celu", lambda t: F.celu(t, alpha=0.8), -1.0, 1.0),
+    ("logit", lambda t: torch.logit(torch.sigmoid(t) * 0.8 + 0.1), -1.0, 1.0),
+    ("hardswish_middle", lambda t: F.hardswish(t) * t, -1.0, 1.0),
+    ("xlogy", lambda t: torch.xlogy(t, t + 2.0), 0.5, 1.5),
+    ("sinc", lambda t: torch.sinc(t + 2.5), 0.5, 1.5),
+    ("square_via_mul_self", lambda t: torch.tanh(t).mul(torch.tanh(t)), -1.0, 1.0),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_decomposed_ops_all_orders(name, fn, lo, hi):
+    """Ops without a rule but with a core-ATen decomposition are exact at every order (no warning)."""
+    g = torch.Generator().manual_seed(5)
+    x = lo + (hi - lo) * torch.rand(B, 3, dtype=DT, generator=g)
+    f = lambda x: fn(x @ WP if lo > 0 else h(x))  # noqa: E731
+    spec = spec_for(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = td.partials(f, x, spec)
+    expected = ref_partials(f, x, spec)
+    for key in spec:
+        assert_close(got[key], expected[key], msg=f"{name} partial {key}")
+
+
+# an op with neither a rule nor a core-ATen decomposition (torch.special.i0: aten.i0)
+NO_RULE_OP = aten.i0.default
+
+
+def test_op_without_rule_is_really_uncovered():
+    from torch._decomp import core_aten_decompositions
+
+    assert NO_RULE_OP not in RULES
+    assert NO_RULE_OP not in core_aten_decompositions()
+
+
+def test_fallback_order_1_warns_and_is_correct():
+    _engine._warned.discard(str(NO_RULE_OP))  # the fallback warns once per op and process
+    f = lambda x: torch.special.i0(h(x)) * torch.sin(h2(x))  # noqa: E731
+    x = rnd(B, 3)
+    with pytest.warns(UserWarning, match=r"aten\.i0\.default"):
+        J = td.jacobian(f, x, method="forward")
+    expected = torch.func.vmap(torch.func.jacrev(lambda xi: f(xi[None])[0]))(x)
+    assert_close(J, expected)
+    d = td.partials(f, x, [(), (1,)])
+    assert_close(d[(1,)], expected[..., 1])
+
+
+@pytest.mark.parametrize("call,order", [
+    (lambda f, x: td.hessian(f, x, method="forward"), 2),
+    (lambda f, x: td.laplacian(f, x), 2),
+    (lambda f, x: td.partials(f, x, [(0, 1, 2)]), 3),
+    (lambda f, x: td.biharmonic(f, x), 4),
+])
+def test_fallback_higher_order_raises(call, order):
+    f = lambda x: torch.special.i0(h(x))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match=rf"aten\.i0\.default.*order {order}"):
+            call(f, rnd(B, 3))
+
+
+def test_coverage_doc_is_up_to_date():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
+    assert doc.read_text() == _coverage.markdown(), "regenerate: python -m torchderiv._coverage > docs/coverage.md"
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: torch.ones_like(t),
+    lambda t: torch.zeros_like(t),
+    lambda t: torch.full_like(t, 2.5),
+    lambda t: 0.0 * torch.rand_like(t),
+], ids=["ones_like", "zeros_like", "full_like", "rand_like"])
+def test_like_constructors_are_constants(make):
+    """``torch.ones_like(h)`` etc. do not depend on the values of ``h``: no derivative flows through them, at
+    any order (they must not go through the order-1-only generic fallback)."""
+    f = lambda x: torch.sin(h(x)) * (1.0 + make(h(x)))  # noqa: E731
+    x = rnd(B, 3)
+    spec = spec_for(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = td.partials(f, x, spec)
+    expected = ref_partials(f, x, spec)
+    for key in spec:
+        assert_close(got[key], expected[key], msg=f"partial {key}")
