@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import _derivs as D
 from ._jet import Ctx, Jet, add, align, as_jet, compose, constant, full, is_full, linear, product, scale
@@ -743,3 +744,23 @@ def _vector_norm(ctx, x, ord=2, dim=None, keepdim=False, dtype=None):
     sq = product(ctx, x, x, torch.mul)
     s = _sum(ctx, sq, ds, keepdim)
     return _unary_apply(ctx, s, torch.sqrt(s.p), D.sqrt_derivs)
+
+
+# ============================================================================ value-independent results
+
+
+def _constant_result(op):
+    """Ops whose result does not depend on the input's values (constructors, rounding, sign): no jet."""
+
+    def r(ctx, *args, **kwargs):
+        args, kwargs = pytree.tree_map(lambda a: a.p if isinstance(a, Jet) else a, (args, kwargs))
+        return op(*args, **kwargs)
+
+    return r
+
+
+for _op in (aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+            aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
+            aten.new_full.default, aten.new_empty.default, aten.sign.default, aten.floor.default,
+            aten.ceil.default, aten.round.default, aten.trunc.default):
+    RULES[_op] = _constant_result(_op)
