@@ -150,6 +150,31 @@ class Result:
                 f"loss={self.losses[-1]:.3e} rel_l2={self.rel_l2:.3e}")
 
 
+@dataclass
+class Problem:
+    """One physics-informed problem at the settings of its arguments."""
+
+    args: argparse.Namespace
+    net: nn.Module
+    sample: Callable[[], Sequence[Tensor]]  # the fresh collocation points of one step
+    loss: Callable[..., Tensor]  # loss(*points, autograd=False)
+    evaluate: Callable[[], float]  # relative L2 error on the test set
+    describe: str  # one line: the problem, the network, the points
+
+    def loss_fn(self, autograd: bool | None = None) -> Callable[..., Tensor]:
+        autograd = self.args.autograd if autograd is None else autograd
+        return lambda *points: self.loss(*points, autograd=autograd)
+
+
+def run(problem: Problem, loss_fn: Callable[..., Tensor] | None = None) -> Result:
+    """Train ``problem`` in the mode its arguments select (``loss_fn`` overrides its loss, e.g. compiled)."""
+    a = problem.args
+    mode = "torch.autograd.grad loops" if a.autograd else mode_name(a)
+    print(f"{problem.describe}; {mode}; Adam lr {a.lr} -> {a.lr * a.lr_final:g}, {a.steps} steps, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    return train(problem.net, loss_fn or problem.loss_fn(), problem.sample, problem.evaluate, a)
+
+
 def train(model: nn.Module, loss_fn: Callable[..., Tensor], sample: Callable[[], tuple], evaluate: Callable[[], float],
           args: argparse.Namespace, *, params=None, log: bool = True, mode: str | None = None) -> Result:
     """Adam with an exponentially decaying learning rate; ``sample()`` draws the collocation points of a

@@ -20,7 +20,7 @@ from ONE torchderiv call, one generated forward pass:
 from __future__ import annotations
 
 import torch
-from _common import Result, autograd_partials, mlp, no_grad_eval, parser, setup, train
+from _common import Problem, Result, autograd_partials, mlp, no_grad_eval, parser, run, setup
 from torch import Tensor, nn
 
 import torchderiv
@@ -65,7 +65,7 @@ def test_grid(dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.cartesian_prod(torch.linspace(0, 1, 101, dtype=dtype), torch.linspace(-1, 1, 201, dtype=dtype))
 
 
-def main(argv=None) -> Result:
+def build(argv=None) -> Problem:
     p = parser(__doc__.split("\n\n")[0], steps=3000, lr=3e-3, points=1024, width=32, depth=3)
     p.add_argument("--data-points", type=int, default=128, help="initial and boundary points each, per step")
     args = p.parse_args(argv)
@@ -74,13 +74,16 @@ def main(argv=None) -> Result:
     net = mlp(2, args.width, args.depth, **opts)
     gen = torch.Generator().manual_seed(args.seed)
     tg = test_grid(dtype).to(dev)
-    mode = "torch.autograd.grad loops" if args.autograd else "torchderiv"
-    print(f"Burgers 1D+t (nu={NU}), {mode}: MLP 2 -> {args.depth} x {args.width} -> 1 (tanh), {args.points} "
-          f"interior + {2 * args.data_points} initial/boundary points per step, Adam lr {args.lr} -> "
-          f"{args.lr * args.lr_final:g}, {args.steps} steps, {torch.get_num_threads()} threads", flush=True)
-    return train(net, lambda *b: burgers_loss(net, *b, autograd=args.autograd),
-                 lambda: [t.to(dev) for t in sample(args.points, args.data_points, args.data_points, gen, dtype)],
-                 no_grad_eval(net, tg, exact(tg)), args)
+    return Problem(args, net,
+                   lambda: [t.to(dev) for t in sample(args.points, args.data_points, args.data_points, gen, dtype)],
+                   lambda *pts, autograd=False: burgers_loss(net, *pts, autograd=autograd),
+                   no_grad_eval(net, tg, exact(tg)),
+                   f"Burgers 1D+t (nu={NU}): MLP 2 -> {args.depth} x {args.width} -> 1 (tanh), {args.points} "
+                   f"interior + {2 * args.data_points} initial/boundary points per step")
+
+
+def main(argv=None) -> Result:
+    return run(build(argv))
 
 
 if __name__ == "__main__":

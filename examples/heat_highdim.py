@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
-from _common import Result, autograd_partials, mlp, no_grad_eval, parser, setup, train
+from _common import Problem, Result, autograd_partials, mlp, no_grad_eval, parser, run, setup
 from torch import Tensor, nn
 
 import torchderiv
@@ -71,9 +71,8 @@ def heat_loss(net: nn.Module, interior: Tensor, data: Tensor, *, autograd: bool 
     return (r**2).mean() + DATA_WEIGHT * ((net(data) - exact(data)) ** 2).mean()
 
 
-def main(argv=None) -> Result:
-    p = parser(__doc__.split("\n\n")[0], steps=3000, lr=5e-3, points=256, width=64, depth=3,
-               lr_final=0.05)
+def build(argv=None) -> Problem:
+    p = parser(__doc__.split("\n\n")[0], steps=3000, lr=5e-3, points=256, width=64, depth=3, lr_final=0.05)
     p.add_argument("--dim", type=int, default=20, help="space dimension D")
     p.add_argument("--data-points", type=int, default=256, help="initial + boundary points per step")
     args = p.parse_args(argv)
@@ -82,13 +81,15 @@ def main(argv=None) -> Result:
     net = mlp(1 + args.dim, args.width, args.depth, **opts)
     gen = torch.Generator().manual_seed(args.seed)
     test = sample(4096, 0, args.dim, torch.Generator().manual_seed(12345), dtype)[0].to(dev)
-    mode = "torch.autograd.grad loops" if args.autograd else "torchderiv"
-    print(f"Heat equation, D={args.dim}, {mode}: MLP {1 + args.dim} -> {args.depth} x {args.width} -> 1 (tanh), "
-          f"{args.points} interior + {args.data_points} initial/boundary points per step, Adam lr {args.lr} -> "
-          f"{args.lr * args.lr_final:g}, {args.steps} steps, {torch.get_num_threads()} threads", flush=True)
-    return train(net, lambda *b: heat_loss(net, *b, autograd=args.autograd),
-                 lambda: [t.to(dev) for t in sample(args.points, args.data_points, args.dim, gen, dtype)],
-                 no_grad_eval(net, test, exact(test)), args)
+    return Problem(args, net, lambda: [t.to(dev) for t in sample(args.points, args.data_points, args.dim, gen, dtype)],
+                   lambda *pts, autograd=False: heat_loss(net, *pts, autograd=autograd),
+                   no_grad_eval(net, test, exact(test)),
+                   f"Heat equation, D={args.dim}: MLP {1 + args.dim} -> {args.depth} x {args.width} -> 1 (tanh), "
+                   f"{args.points} interior + {args.data_points} initial/boundary points per step")
+
+
+def main(argv=None) -> Result:
+    return run(build(argv))
 
 
 if __name__ == "__main__":

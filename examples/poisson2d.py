@@ -19,7 +19,7 @@ import math
 import time
 
 import torch
-from _common import Result, autograd_laplacian, mlp, no_grad_eval, parser, setup, train
+from _common import Problem, Result, autograd_laplacian, mlp, no_grad_eval, parser, run, setup
 from torch import Tensor, nn
 
 import torchderiv
@@ -86,13 +86,14 @@ def compiled_loss(loss_fn, batch: tuple, params: list[Tensor]):
     return fn, dloss, dgrad
 
 
-def main(argv=None) -> Result:
+def build(argv=None) -> Problem:
     p = parser(__doc__.split("\n\n")[0], steps=3000, lr=3e-3, points=1024, width=64, depth=3)
     p.add_argument("--boundary-points", type=int, default=256, help="boundary points per step")
-    p.add_argument("--compile", action="store_true", help="compile the loss with torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the loss with torch.compile (checked against eager at the first step)")
     args = p.parse_args(argv)
     if args.compile and args.autograd:
-        p.error("--compile applies to the torchderiv loss (torch.compile does not trace double backward)")
+        p.error("--compile applies to the torchderiv loss (torch.compile does not trace a double backward)")
     opts = setup(args)
     dtype, dev = opts["dtype"], opts["device"]
     net = mlp(2, args.width, args.depth, **opts)
@@ -102,17 +103,19 @@ def main(argv=None) -> Result:
         return (sample_interior(args.points, gen, dtype).to(dev),
                 sample_boundary(args.boundary_points, gen, dtype).to(dev))
 
-    def loss_fn(x_in, x_b):
-        return poisson_loss(net, x_in, x_b, autograd=args.autograd)
-
-    if args.compile:
-        loss_fn, *_ = compiled_loss(loss_fn, sample(), list(net.parameters()))
     xt = test_grid(dtype=dtype).to(dev)
-    mode = "torch.autograd.grad loops" if args.autograd else "torchderiv"
-    print(f"Poisson 2D, {mode}: MLP 2 -> {args.depth} x {args.width} -> 1 (tanh), {args.points} interior + "
-          f"{args.boundary_points} boundary points per step, Adam lr {args.lr} -> {args.lr * args.lr_final:g}, "
-          f"{args.steps} steps, {torch.get_num_threads()} threads", flush=True)
-    return train(net, loss_fn, sample, no_grad_eval(net, xt, exact(xt)), args)
+    return Problem(args, net, sample, lambda *pts, autograd=False: poisson_loss(net, *pts, autograd=autograd),
+                   no_grad_eval(net, xt, exact(xt)),
+                   f"Poisson 2D: MLP 2 -> {args.depth} x {args.width} -> 1 (tanh), {args.points} interior + "
+                   f"{args.boundary_points} boundary points per step")
+
+
+def main(argv=None) -> Result:
+    prob = build(argv)
+    loss_fn = None
+    if prob.args.compile:
+        loss_fn, *_ = compiled_loss(prob.loss_fn(), prob.sample(), list(prob.net.parameters()))
+    return run(prob, loss_fn)
 
 
 if __name__ == "__main__":

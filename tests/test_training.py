@@ -126,6 +126,7 @@ def test_parameter_update_is_seen_by_the_cached_graph():
 # ----------------------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels: 30-60 s on 2 cores the first time, ~5 s with its disk cache warm
 def test_torch_compile_of_a_torchderiv_loss_matches_eager():
     torch.manual_seed(0)
     net = mlp(2, 8, 2)

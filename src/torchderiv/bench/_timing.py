@@ -122,13 +122,13 @@ def measure_interleaved(cands: list[Candidate], device: torch.device, policy: Ti
                 synchronize(device)
                 c.timing = Timing([(time.perf_counter() - t0) * c.scale], 1, True, c.scale, 0)
             else:
-                t_est = 0.0
+                t_est = math.inf
                 for _ in range(max(1, policy.warmup)):
                     synchronize(device)
                     t0 = time.perf_counter()
                     c.out = c.fn()
                     synchronize(device)
-                    t_est = time.perf_counter() - t0
+                    t_est = min(t_est, time.perf_counter() - t0)
                 c.n_inner = max(1, min(policy.max_inner, math.ceil(policy.min_sample_s / max(t_est, 1e-7))))
                 c.timing = Timing([], c.n_inner, False, c.scale, max(1, policy.warmup))
         except Exception as e:  # noqa: BLE001 - reported by the caller
