@@ -9,6 +9,9 @@ import weakref
 
 import pytest
 import torch
+from torch import nn
+
+import torchderiv as td
 from conftest import (
     FourierNet,
     ResidualLN,
@@ -19,9 +22,6 @@ from conftest import (
     ref_laplacian,
     ref_partials,
 )
-from torch import nn
-
-import torchderiv as td
 
 DT = torch.float64
 
@@ -142,6 +142,47 @@ def test_closure_constant_updated_in_place_is_seen():
     assert_close(td.jacobian(f, x), ref_jacobian(f, x))
 
 
+def test_closure_variable_rebinding_is_seen():
+    """f reads a closure variable that is rebound to a new tensor (not updated in place)."""
+    W = torch.randn(2, 4, dtype=DT)
+
+    def f(x):
+        return torch.tanh(x @ W)
+
+    x = _x(3, 2)
+    assert_close(td.jacobian(f, x), ref_jacobian(f, x))
+    W = 2.0 * torch.randn(2, 4, dtype=DT)  # noqa: F841 - read by f
+    assert_close(td.jacobian(f, x), ref_jacobian(f, x), msg="after rebinding W")
+    assert_close(td.laplacian(f, x), ref_laplacian(f, x), msg="after rebinding W")
+
+
+class _Scaled(nn.Module):
+    """A net with plain Python attributes that change during training (SIREN's w0, an annealed temperature,
+    a switch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+        self.w0 = 1.0
+        self.use_sin = True
+
+    def forward(self, x):
+        h = self.lin(x) * self.w0
+        return torch.sin(h) if self.use_sin else torch.tanh(h)
+
+
+def test_module_python_attribute_change_is_seen():
+    torch.manual_seed(0)
+    net = _Scaled().to(DT)
+    x = _x(3, 2)
+    assert_close(td.laplacian(net, x), ref_laplacian(net, x))
+    net.w0 = 3.0
+    assert_close(td.laplacian(net, x), ref_laplacian(net, x), msg="after w0 = 3")
+    assert_close(td.jacobian(net, x), ref_jacobian(net, x), msg="after w0 = 3")
+    net.use_sin = False
+    assert_close(td.laplacian(net, x), ref_laplacian(net, x), msg="after use_sin = False")
+
+
 def test_train_eval_switch():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
@@ -187,12 +228,21 @@ def _owners():
     return td.cache_info()["owners"]
 
 
+def _wrap(net):
+    return lambda x: net(x)
+
+
+def _short_lived(i):
+    W = torch.full((2, 3), 0.1 * i, dtype=DT)
+    return lambda x: torch.tanh(x @ W)
+
+
 @pytest.mark.parametrize("kind", ["module", "bound_method", "lambda_over_module"])
 def test_cache_does_not_keep_module_alive(kind):
     gc.collect()
     owners0 = _owners()
     net = make_mlp()
-    f = {"module": net, "bound_method": net.forward, "lambda_over_module": lambda x: net(x)}[kind]
+    f = {"module": net, "bound_method": net.forward, "lambda_over_module": _wrap(net)}[kind]
     x = _x(3, 2)
     td.jacobian(f, x, method="forward")
     td.laplacian(f, x)
@@ -272,11 +322,7 @@ def test_many_short_lived_functions_do_not_accumulate():
     owners0 = _owners()
     x = _x(3, 2)
     for i in range(30):
-        W = torch.full((2, 3), 0.1 * i, dtype=DT)
-        f = lambda x, W=W: torch.tanh(x @ W)  # noqa: E731
-        g = lambda x: f(x)  # noqa: E731
-        td.laplacian(g, x)
-    del f, g
+        td.laplacian(_short_lived(i), x)
     gc.collect()
     assert _owners() <= owners0 + 1
 

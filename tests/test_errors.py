@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, ref_hessian, ref_jacobian, ref_laplacian, ref_partials
 from torch import nn
 from torch.func import jacrev
 
 import torchderiv as td
+from conftest import assert_close, ref_hessian, ref_jacobian, ref_laplacian, ref_partials
 from torchderiv import BatchMixingError
 
 DT = torch.float64
@@ -171,6 +171,23 @@ def test_laplacian_weights_as_nested_list():
     C = [[1.0, 0.5], [0.5, 2.0]]
     assert_close(td.laplacian(scalar_out, x, dims=[0, 2], weights=C),
                  ref_laplacian(scalar_out, x, dims=[0, 2], weights=torch.tensor(C, dtype=DT)))
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+@pytest.mark.parametrize("dims", [None, [1], [0, 2]])
+def test_laplacian_all_zero_weights_gives_zero(dims, method):
+    """An all-zero weight matrix is a valid (zero) operator."""
+    x = _x(3, 3)
+    m = 3 if dims is None else len(dims)
+    lap = td.laplacian(scalar_out, x, dims=dims, weights=torch.zeros(m, m), method=method)
+    assert_close(lap, torch.zeros(3, 1, dtype=DT))
+
+
+def test_laplacian_diagonal_weights_equal_scaled_dims():
+    x = _x(3, 3)
+    C = torch.diag(torch.tensor([2.0, 0.0, -1.0]))
+    expected = 2.0 * td.laplacian(scalar_out, x, dims=[0]) - td.laplacian(scalar_out, x, dims=[2])
+    assert_close(td.laplacian(scalar_out, x, weights=C), expected)
 
 
 @pytest.mark.parametrize("dims,match", [([0, 3], "dims"), ([-1], "dims"), ([1, 1], "duplicates")])
@@ -459,3 +476,66 @@ def test_chunk_size_unbatched():
     d = td.partials(f, x, [(0,), (1, 2), (0, 1, 5)], batched=False, chunk_size=1)
     T = jacrev(jacrev(jacrev(f)))(x)
     assert_close(d[(0, 1, 5)], T[..., 0, 1, 5])
+
+
+# ============================================================================ shape edge cases
+
+
+def _scalar_map(x):
+    return torch.sin(x) * x
+
+
+def _scalar_map_derivs(x):
+    s, c = torch.sin(x), torch.cos(x)
+    return [s * x, c * x + s, -s * x + 2 * c, -c * x - 3 * s, s * x - 4 * c]
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_scalar_per_sample_input(method):
+    """x of shape [B]: one scalar per sample, so every result is [B]."""
+    x = torch.linspace(0.1, 1.0, 5, dtype=DT)
+    d = _scalar_map_derivs(x)
+    assert_close(td.jacobian(_scalar_map, x, method=method), d[1])
+    assert_close(td.jacobian_diagonal(_scalar_map, x, method=method), d[1])
+    assert_close(td.divergence(_scalar_map, x, method=method), d[1])
+    assert_close(td.hessian(_scalar_map, x, method=method), d[2])
+    assert_close(td.hessian_diagonal(_scalar_map, x, method=method), d[2])
+    assert_close(td.laplacian(_scalar_map, x, method=method), d[2])
+    p = td.partials(_scalar_map, x, ["", "t", "tt", "ttt", "tttt"], coords="t")
+    for k, key in enumerate(["", "t", "tt", "ttt", "tttt"]):
+        assert_close(p[key], d[k], msg=key)
+    assert_close(td.biharmonic(_scalar_map, x), d[4])
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_zero_dim_point_unbatched(method):
+    """batched=False with a 0-d x: a single scalar point; results are 0-d."""
+    x = torch.tensor(0.7, dtype=DT)
+    d = _scalar_map_derivs(x)
+    assert_close(td.jacobian(_scalar_map, x, batched=False, method=method), d[1])
+    assert_close(td.divergence(_scalar_map, x, batched=False, method=method), d[1])
+    assert_close(td.hessian(_scalar_map, x, batched=False, method=method), d[2])
+    assert_close(td.hessian_diagonal(_scalar_map, x, batched=False, method=method), d[2])
+    assert_close(td.laplacian(_scalar_map, x, batched=False, method=method), d[2])
+    assert_close(td.partials(_scalar_map, x, [(0, 0, 0)], batched=False)[(0, 0, 0)], d[3])
+    assert_close(td.biharmonic(_scalar_map, x, batched=False), d[4])
+
+
+def test_unbatched_multi_dim_point():
+    X = _x(2, 3)
+    f = lambda X: torch.tanh(X) * X.sum()  # noqa: E731
+    assert_close(td.jacobian(f, X, batched=False), jacrev(f)(X))
+    assert_close(td.hessian(f, X, batched=False), jacrev(jacrev(f))(X))
+    assert_close(td.divergence(f, X, batched=False), jacrev(f)(X).reshape(6, 6).trace())
+    d = td.partials(f, X, [(0, 5), (1, 1, 4)], batched=False)
+    T = jacrev(jacrev(jacrev(f)))(X).reshape(2, 3, 6, 6, 6)
+    assert_close(d[(1, 1, 4)], T[..., 1, 1, 4])
+
+
+def test_float32_inputs_keep_float32():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    x = torch.randn(4, 3)
+    H = td.hessian(net, x)
+    assert H.dtype == torch.float32
+    torch.testing.assert_close(H.double(), ref_hessian(net.double(), x.double()), atol=1e-6, rtol=1e-5)

@@ -27,6 +27,14 @@ from _common import autograd_laplacian, autograd_partials, mlp  # noqa: E402
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The examples' ``main`` sets the thread count (``--threads 1``: fastest for their small networks)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _grads(loss, net):
     return torch.autograd.grad(loss, list(net.parameters()))
 
@@ -42,7 +50,7 @@ def _assert_same_loss_and_grads(loss_a, loss_b, net, rtol=1e-10, atol=1e-12):
 
 def test_poisson_example_trains(capsys):
     res = poisson2d.main(["--steps", "300", "--points", "128", "--boundary-points", "32", "--width", "16",
-                          "--depth", "2", "--lr", "1e-2", "--log-every", "0", "--threads", "0"])
+                          "--depth", "2", "--lr", "1e-2", "--log-every", "0", "--threads", "1"])
     assert len(res.losses) == 300 and len(res.times) == 300
     first, last = res.losses[0], sum(res.losses[-10:]) / 10
     assert last < 0.2 * first, (first, last)
@@ -54,7 +62,7 @@ def test_poisson_example_trains(capsys):
 def test_poisson_example_autograd_mode_follows_the_same_trajectory():
     """Same seed, same points: the two modes differ only by floating-point rounding."""
     argv = ["--steps", "5", "--points", "64", "--boundary-points", "16", "--width", "8", "--depth", "2",
-            "--log-every", "0", "--threads", "0", "--float64"]
+            "--log-every", "0", "--threads", "1", "--float64"]
     a = poisson2d.main(argv)
     b = poisson2d.main(argv + ["--autograd"])
     torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-9, atol=0)
@@ -62,10 +70,10 @@ def test_poisson_example_autograd_mode_follows_the_same_trajectory():
 
 def test_burgers_and_heat_examples_run():
     r = burgers.main(["--steps", "20", "--points", "64", "--data-points", "16", "--width", "8", "--depth", "2",
-                      "--log-every", "0", "--threads", "0"])
+                      "--log-every", "0", "--threads", "1"])
     assert r.losses[-1] < r.losses[0]
     r = heat_highdim.main(["--steps", "10", "--dim", "6", "--points", "32", "--data-points", "32", "--width", "8",
-                           "--depth", "2", "--log-every", "0", "--threads", "0"])
+                           "--depth", "2", "--log-every", "0", "--threads", "1"])
     assert len(r.losses) == 10 and all(map(torch.isfinite, torch.tensor(r.losses)))
 
 
@@ -204,5 +212,5 @@ def test_ddp_example_script_main_runs_in_one_process(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     r = ddp_poisson.main(["--steps", "5", "--points", "32", "--boundary-points", "8", "--width", "8",
-                          "--log-every", "0", "--threads", "0"])
+                          "--log-every", "0", "--threads", "1"])
     assert len(r.losses) == 5 and r.mode == "torchderiv-ddp1"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import torchderiv as td
 from conftest import (
     ZOO,
     ZOO_IDS,
@@ -17,8 +19,6 @@ from conftest import (
     ref_restricted,
     ref_value,
 )
-
-import torchderiv as td
 
 zoo = pytest.mark.parametrize("case", ZOO, ids=ZOO_IDS)
 light_zoo = pytest.mark.parametrize("case", [c for c in ZOO if not c.heavy], ids=[c.name for c in ZOO if not c.heavy])
