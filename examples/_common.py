@@ -1,8 +1,9 @@
 """Pieces shared by the physics-informed examples: arguments, the network, reference derivatives by
 ``torch.autograd.grad`` loops (the ``--autograd`` mode), the training loop, timing and the final report.
 
-Not an example by itself: ``poisson2d.py``, ``burgers.py``, ``heat_highdim.py`` and ``ddp_poisson.py``
-import it (they run as scripts from any directory; Python puts ``examples/`` on ``sys.path``).
+Not an example by itself: ``poisson2d.py``, ``burgers.py``, ``heat_highdim.py``, ``ddp_poisson.py`` and
+``compare.py`` import it (they run as scripts from any directory; Python puts ``examples/`` on ``sys.path``).
+Each problem module exposes ``build(argv) -> Problem`` and ``main(argv) -> Result``.
 """
 
 from __future__ import annotations
