@@ -181,7 +181,7 @@ piecewise = [
 ]
 for name, g, op in piecewise:
     case(name, _times(_then(h, g), lambda x: torch.sin(h2(x))), op)
-    case(name + "_alone", _then(h, g), op)
+    case(name + "_alone", _then(h, g), op, max_order=2)
 
 # ============================================================================ arithmetic
 
@@ -295,8 +295,9 @@ shape_ops = [
     ("to_copy", lambda t: t.to(DT, copy=True), [aten._to_copy.default]),
 ]
 for name, s, ops in shape_ops:
-    case(name + "_pre", _then(h, s, torch.sin), ops)
-    case(name + "_post", _then(_times(lambda x: torch.sin(h(x)), h2), s), ops)
+    # linear ops act on every coefficient alike: orders up to 3 exercise the products after them
+    case(name + "_pre", _then(h, s, torch.sin), ops, max_order=3)
+    case(name + "_post", _then(_times(lambda x: torch.sin(h(x)), h2), s), ops, max_order=3)
 
 case("detach", lambda x: torch.sin(h(x)) * torch.cos(h2(x)).detach(), [aten.detach.default])
 case("lift_fresh_copy", lambda x: torch.sin(h(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=DT),

@@ -190,7 +190,8 @@ def write_json(path: str, results: list[ScenarioResult], meta: dict, settings: d
 
 
 def _bar_label(m: MethodResult) -> str:
-    name = m.name + (" (baseline)" if m.is_baseline else "") + (" " + m.flags() if m.flags() else "")
+    # no-break spaces keep the suffixes on the line of the name's last word
+    name = m.name + ("\u00a0(baseline)" if m.is_baseline else "") + ("\u00a0" + m.flags() if m.flags() else "")
     return textwrap.fill(name, 38, break_long_words=False, break_on_hyphens=False)
 
 
@@ -201,6 +202,12 @@ def _value_label(m: MethodResult, v: float) -> str:
     if m.fpe is not None:
         txt += f"  ({m.fpe:.3g} FPE)" if m.fpe < 1000 else f"  ({m.fpe:,.0f} FPE)"
     return txt
+
+
+def _tick(x: float, _pos=None) -> str:
+    if x >= 1e4:
+        return f"$10^{{{round(math.log10(x))}}}$x"
+    return f"{x:,.0f}x" if x >= 1 else f"{x:g}x"
 
 
 def write_plot(path: str, results: list[ScenarioResult], meta: dict) -> None:
@@ -253,9 +260,9 @@ def write_plot(path: str, results: list[ScenarioResult], meta: dict) -> None:
         ax.set_xlim(lo, hi)
         ax.set_ylim(-0.6, len(ms) - 0.4)
         ax.axvline(1.0, color="black", lw=0.8)
-        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=7))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}x" if x >= 1 else f"{x:g}x"))
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
         ax.set_yticks(ys)
         ax.set_yticklabels([_bar_label(m) for m in ms], fontsize=8)
         ax.set_title(r.name, fontsize=10, loc="left", fontweight="bold")

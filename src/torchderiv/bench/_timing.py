@@ -109,8 +109,9 @@ def measure_interleaved(cands: list[Candidate], device: torch.device, policy: Ti
     so that a change of machine load during the run affects every method alike.
 
     A candidate that raises keeps its exception in ``error``; ``once`` candidates are called a single
-    time, without warm-up. Sampling of a candidate stops after ``policy.budget_s`` once it has
-    ``policy.min_repeat`` samples.
+    time, without warm-up. Every sample follows one untimed call of the same function (steady state);
+    calls faster than ``policy.min_sample_s`` are timed in groups of ``n_inner``. Sampling of a candidate
+    stops after ``policy.budget_s`` (timed calls) once it has ``policy.min_repeat`` samples.
     """
     gc.collect()
     for i, c in enumerate(cands):
@@ -123,12 +124,16 @@ def measure_interleaved(cands: list[Candidate], device: torch.device, policy: Ti
                 c.timing = Timing([(time.perf_counter() - t0) * c.scale], 1, True, c.scale, 0)
             else:
                 t_est = math.inf
-                for _ in range(max(1, policy.warmup)):
+                k = 0
+                # at least two calls for cheap functions: the first one (tracing, caches, lazy
+                # initialization) says nothing about the per-call time that sets ``n_inner``
+                while k < max(1, policy.warmup) or (k < 2 and t_est < 1.0):
                     synchronize(device)
                     t0 = time.perf_counter()
                     c.out = c.fn()
                     synchronize(device)
                     t_est = min(t_est, time.perf_counter() - t0)
+                    k += 1
                 c.n_inner = max(1, min(policy.max_inner, math.ceil(policy.min_sample_s / max(t_est, 1e-7))))
                 c.timing = Timing([], c.n_inner, False, c.scale, max(1, policy.warmup))
         except Exception as e:  # noqa: BLE001 - reported by the caller
@@ -146,6 +151,11 @@ def measure_interleaved(cands: list[Candidate], device: torch.device, policy: Ti
             gc_was = gc.isenabled()
             gc.disable()
             try:
+                # an untimed call first: after another method ran, caches, branch predictors and the
+                # allocator's free lists are cold (a tiny call then costs several times its warm time, a
+                # large one pays page faults for memory the previous method returned to the OS); users
+                # call one method in a loop, so the steady state is what is measured
+                c.fn()
                 synchronize(device)
                 t0 = time.perf_counter()
                 for _ in range(c.n_inner):
