@@ -304,11 +304,25 @@ def test_row_mixing_unbatched_jacobian(mixer, method):
     assert_close(J, jacrev(f)(x), msg=mixer)
 
 
+def _manual_batch_norm(x):
+    h = x @ _W
+    m = h.mean(0, keepdim=True)
+    return torch.tanh((h - m) / torch.sqrt(((h - m) ** 2).mean(0, keepdim=True) + 1e-5))
+
+
+# torch's own third derivative of native_batch_norm (training) is wrong in 2.13 (off by O(1) against the
+# same function written out, checked with jacrev**3): references use the written-out form
+MIXER_REFS = {"batch_norm_train": _manual_batch_norm}
+
+
 @mixers
+
 def test_row_mixing_unbatched_higher_orders(mixer):
     f, _ = MIXERS[mixer]
     x = _x(3, 3)
-    H = jacrev(jacrev(f))(x)
+    fr = MIXER_REFS.get(mixer, f)
+    assert_close(fr(x), f(x), msg="reference form")
+    H = jacrev(jacrev(fr))(x)
     assert_close(td.hessian(f, x, batched=False, method="forward"), H, msg=f"{mixer} hessian")
     assert_close(td.hessian(f, x, batched=False, method="reverse"), H, msg=f"{mixer} hessian reverse")
     n = x.numel()
@@ -316,7 +330,7 @@ def test_row_mixing_unbatched_higher_orders(mixer):
     assert_close(td.laplacian(f, x, batched=False), Hf.diagonal(dim1=-2, dim2=-1).sum(-1), msg=f"{mixer} laplacian")
     spec = [(0, 4), (1, 4, 7), (2, 2, 5), (0, 3, 3, 8)]
     d = td.partials(f, x, spec, batched=False)
-    ref = ref_partials(lambda xb: f(xb[0]).unsqueeze(0), x.unsqueeze(0), spec)  # x as a batch of one point
+    ref = ref_partials(lambda xb: fr(xb[0]).unsqueeze(0), x.unsqueeze(0), spec)  # x as a batch of one point
     for k in spec:
         assert_close(d[k], ref[k][0], msg=f"{mixer} partial {k}")
 

@@ -443,6 +443,50 @@ for name, g, op in [("empty_like", lambda t: _fill1(torch.empty_like(t)), aten.e
                     ("new_full", lambda t: t.new_full((6,), 0.5), aten.new_full.default)]:
     case("const_" + name, _times(lambda x: torch.sin(h(x)), _then(h2, g, lambda c: 1.0 + c)), op, batched=False)
 
+
+
+# writes into parts of a tensor: functionalized to *_scatter / index_put / copy
+def _write_slice(x):
+    y = torch.sin(h(x)) * 1.0
+    y[..., 1:3] = torch.tanh(h2(x)[..., :2])
+    return y
+
+
+def _write_select(x):
+    y = torch.sin(h(x)) * 1.0
+    y[..., 2] = torch.cos(h(x)[..., 0]) * h2(x)[..., 1]
+    return y
+
+
+def _write_index(x):
+    y = torch.sin(h(x)) * 1.0
+    y[..., torch.tensor([4, 1])] = h2(x)[..., :2] ** 3
+    return y
+
+
+case("slice_scatter", _write_slice, [aten.slice_scatter.default, aten.copy.default],
+     ref=lambda x: torch.cat([torch.sin(h(x))[..., :1], torch.tanh(h2(x)[..., :2]), torch.sin(h(x))[..., 3:]], -1))
+case("select_scatter", _write_select, [aten.select_scatter.default],
+     ref=lambda x: torch.cat([torch.sin(h(x))[..., :2], (torch.cos(h(x)[..., 0]) * h2(x)[..., 1]).unsqueeze(-1),
+                              torch.sin(h(x))[..., 3:]], -1))
+case("index_put", _write_index, [aten.index_put.default],
+     ref=lambda x: torch.cat([torch.sin(h(x))[..., :1], h2(x)[..., 1:2] ** 3, torch.sin(h(x))[..., 2:4],
+                              h2(x)[..., :1] ** 3, torch.sin(h(x))[..., 5:]], -1))
+case("fill_zero", lambda x: torch.sin(h(x)) * torch.empty_like(h(x)).fill_(2.0) + torch.cos(h2(x)).clone().zero_(),
+     [aten.fill.Scalar, aten.zero.default], ref=lambda x: 2.0 * torch.sin(h(x)))
+
+
+def _manual_bn_train(t):
+    m = t.mean(0, keepdim=True)
+    return (t - m) / torch.sqrt(((t - m) ** 2).mean(0, keepdim=True) + 1e-5)
+
+
+# batch statistics couple the rows: one point (batched=False); torch's own third derivative of
+# native_batch_norm is wrong in 2.13, so the reference is the written-out normalization
+case("batch_norm_train", lambda x: torch.tanh(F.batch_norm(torch.sin(h(x)) * h2(x), None, None, training=True)),
+     [aten.native_batch_norm.default], batched=False, in_shape=(4, 3),
+     ref=lambda x: torch.tanh(_manual_bn_train(torch.sin(h(x)) * h2(x))))
+
 # rules that no captured graph can contain: make_fx always decomposes these CompositeImplicitAutograd ops
 UNREACHABLE = {aten.reshape.default, aten.contiguous.default}
 

@@ -10,14 +10,16 @@ from torch import Tensor
 
 from ._capture import TraceError
 from ._core import (
-    check_output,
+    _probe_output,
     in_shape,
+    map_samples,
     numel,
     per_sample,
     taylor,
+    traceable,
     validate,
 )
-from ._engine import fast_call, output_shape
+from ._engine import fast_call, output_shape, reverse_function
 
 __all__ = [
     "choose_method",
@@ -81,31 +83,44 @@ def _fast_key(fname, x, batched, method, chunk_size, extra=None):
 # ----------------------------------------------------------------------------- reverse paths
 
 
-def _jacobian_reverse(fname, f, x, batched, chunk_size):
-    if not batched:
-        return torch.func.jacrev(f, chunk_size=chunk_size)(x)
-    try:
-        output_shape(f, x, batched, fname)  # traces f once and checks that rows do not interact
-    except TraceError:
-        return torch.func.vmap(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size))(x)
-    y, vjp_fn = torch.func.vjp(f, x)
-    check_output(fname, y, x, batched)
+def _batched_vjp_jacobian(g, x, chunk_size):
+    """Per-sample Jacobians ``[B, *out, *in]`` of a batched ``g`` whose rows do not interact: one vjp per
+    output component with that component's cotangent in every row."""
+    y, vjp_fn = torch.func.vjp(g, x)
     out = tuple(y.shape[1:])
     m = numel(out)
-    cot = torch.eye(m, dtype=y.dtype, device=y.device).reshape(m, 1, *out).expand(m, *y.shape)
+    cot = torch.eye(m, dtype=y.dtype, device=y.device).reshape((m, 1, *out)).expand(m, *y.shape)
     J = torch.func.vmap(lambda c: vjp_fn(c)[0], chunk_size=chunk_size)(cot)  # [m, B, *in]
-    return J.movedim(0, 1).reshape(*y.shape, *x.shape[1:])
+    return J.movedim(0, 1).reshape((*y.shape, *x.shape[1:]))
+
+
+def _jacobian_reverse(fname, f, x, batched, chunk_size):
+    if not traceable(fname, f, x, batched):  # checks f's output and that rows do not interact
+        if not batched:
+            return torch.func.jacrev(f, chunk_size=chunk_size)(x)
+        return map_samples(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size), x)
+    g = reverse_function(f, x, batched, fname)
+    if not batched:
+        return torch.func.jacrev(g, chunk_size=chunk_size)(x)
+    return _batched_vjp_jacobian(g, x, chunk_size)
 
 
 def _hessian_reverse(fname, f, x, batched, chunk_size):
-    if batched:
-        try:
-            output_shape(f, x, batched, fname)  # rows must not interact for per-sample Hessians
-        except TraceError:
-            pass
-    g = per_sample(f, batched)
-    H = torch.func.jacfwd(torch.func.jacrev(g, chunk_size=chunk_size))
-    return torch.func.vmap(H)(x) if batched else H(x)
+    if not traceable(fname, f, x, batched):  # checks f's output and that rows do not interact
+        H = torch.func.jacfwd(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size))
+        return map_samples(H, x) if batched else H(x)
+    g = reverse_function(f, x, batched, fname)
+    if not batched:
+        return torch.func.jacfwd(torch.func.jacrev(g, chunk_size=chunk_size))(x)
+    # forward over reverse on the whole batch: rows do not interact, so a tangent e_i in every row
+    # differentiates each row's Jacobian along its own x[b, i]
+    ins = tuple(x.shape[1:])
+    n = numel(ins)
+    T = torch.eye(n, dtype=x.dtype, device=x.device).reshape((n, 1, *ins)).expand(n, *x.shape)
+    jac = lambda xx: _batched_vjp_jacobian(g, xx, chunk_size)  # noqa: E731
+    H = torch.func.vmap(lambda t: torch.func.jvp(jac, (x,), (t,))[1])(T)  # [n, B, *out, *in]
+    lead = H.shape[1 : H.dim() - len(ins)]  # [B, *out]
+    return H.movedim(0, -1).reshape((*lead, *ins, *ins))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -147,7 +162,7 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
     ins = in_shape(x, batched)
     n = numel(ins)
     return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
-                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape(*y.shape, *ins), fast_key=key)
+                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)), fast_key=key)
 
 
 def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
@@ -176,7 +191,7 @@ def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool
             f"{ins} to {outs}; use torchderiv.jacobian for the full per-sample Jacobian"
         )
     lead = (x.shape[0],) if batched else ()
-    return J.reshape(*lead, n, n).diagonal(dim1=-2, dim2=-1).reshape(*lead, *ins)
+    return J.reshape((*lead, n, n)).diagonal(dim1=-2, dim2=-1).reshape((*lead, *ins))
 
 
 def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
@@ -209,7 +224,7 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
 
     def assemble(y, parts, _):
         H = parts.index_select(0, idx)  # [n*n, *y]
-        return H.movedim(0, -1).reshape(*y.shape, *ins, *ins)
+        return H.movedim(0, -1).reshape((*y.shape, *ins, *ins))
 
     return taylor(fname, f, x, pairs, [], batched, chunk_size, assemble=assemble, fast_key=key)
 
@@ -230,13 +245,28 @@ def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool 
     if method == "reverse":
         H = _hessian_reverse(fname, f, x, batched, chunk_size)
         lead = H.shape[: H.dim() - 2 * len(ins)]
-        return H.reshape(*lead, n, n).diagonal(dim1=-2, dim2=-1).reshape(*lead, *ins)
+        return H.reshape((*lead, n, n)).diagonal(dim1=-2, dim2=-1).reshape((*lead, *ins))
     return taylor(fname, f, x, [(i, i) for i in range(n)], [], batched, chunk_size,
-                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape(*y.shape, *ins))
+                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)))
+
+
+def _check_dims(fname: str, dims, n: int) -> list[int]:
+    if dims is None:
+        return list(range(n))
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, (Sequence, range)):
+        raise TypeError(f"{fname}: dims must be a sequence of input coordinates such as [0, 2], got "
+                        f"{dims!r}; for one coordinate write dims=[{dims!r}]")
+    dims = list(dims)
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < n:
+            raise ValueError(f"{fname}: dims must hold input coordinates in [0, {n}), got {dims}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"{fname}: dims has duplicates: {dims}")
+    return dims
 
 
 def _laplace_combo(fname, n, dims, weights, device=None):
-    dims = list(range(n)) if dims is None else list(dims)
+    dims = _check_dims(fname, dims, n)
     for d in dims:
         if not isinstance(d, int) or not 0 <= d < n:
             raise ValueError(f"{fname}: dims must hold input coordinates in [0, {n}), got {dims}")
@@ -281,17 +311,23 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
     """
     fname = "laplacian"
     wkey = None if weights is not None else ()
-    key = _fast_key(fname, x, batched, method, chunk_size, (tuple(dims) if dims is not None else None, wkey))
+    try:
+        dkey = tuple(dims) if dims is not None else None
+    except TypeError:
+        dkey, wkey = None, None  # not a sequence: validated (and refused) below
+    key = _fast_key(fname, x, batched, method, chunk_size, (dkey, wkey))
     r = fast_call(f, key, x) if key is not None and wkey is not None else None
     if r is not None:
         return r
     validate(fname, f, x, batched, method, chunk_size)
     n = numel(in_shape(x, batched))
     combo = _laplace_combo(fname, n, dims, weights)
+    if not combo:  # all-zero weights: the zero operator
+        return torch.zeros_like(_probe_output(fname, f, x, batched))
     if method == "reverse":
         H = hessian(f, x, batched=batched, method="reverse", chunk_size=chunk_size)
         lead = H.shape[: H.dim() - 2 * len(in_shape(x, batched))]
-        H = H.reshape(*lead, n, n)
+        H = H.reshape((*lead, n, n))
         return sum(w * H[..., a, b] for (a, b), w in combo)
     return taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False,
                   assemble=lambda y, _, sums: sums[0], fast_key=key if wkey is not None else None)
@@ -324,18 +360,16 @@ def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] 
         tensor([120., 120.])
     """
     fname = "biharmonic"
-    key = _fast_key(fname, x, batched, "forward", chunk_size, tuple(dims) if dims is not None else None)
+    try:
+        key = _fast_key(fname, x, batched, "forward", chunk_size, tuple(dims) if dims is not None else None)
+    except TypeError:
+        key = None  # not a sequence: validated (and refused) below
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
     validate(fname, f, x, batched, "forward", chunk_size)
     n = numel(in_shape(x, batched))
-    dd = list(range(n)) if dims is None else list(dims)
-    for d in dd:
-        if not isinstance(d, int) or not 0 <= d < n:
-            raise ValueError(f"{fname}: dims must hold input coordinates in [0, {n}), got {list(dd)}")
-    if len(set(dd)) != len(dd):
-        raise ValueError(f"{fname}: dims has duplicates: {dd}")
+    dd = _check_dims(fname, dims, n)
     directions, combo = biharmonic_directions(dd)
     ref = [((i, i, i, i), 1.0) for i in dd] + [((i, i, j, j), 2.0) for a, i in enumerate(dd) for j in dd[a + 1 :]]
     try:

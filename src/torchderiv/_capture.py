@@ -46,11 +46,31 @@ def _decompositions_for(gm: fx.GraphModule) -> dict:
     return table
 
 
+def _trace(f, fake_x: torch.Tensor) -> fx.GraphModule:
+    """``make_fx`` of ``f``, functionalized: in-place ops (also on views: ``y[:, :2].tanh_()``,
+    ``y[..., 1:] = v``) become out-of-place ops and ``*_scatter``, so every value in the graph is
+    computed once and rules never see a mutation."""
+
+    def call(x):  # one positional argument whatever f's signature (defaults, bound methods)
+        return f(x)
+
+    try:
+        return make_fx(torch.func.functionalize(call, remove="mutations"), tracing_mode="fake",
+                       _allow_non_fake_inputs=True)(fake_x)
+    except Exception:  # noqa: BLE001 - retry without functionalization; the engine handles plain in-place ops
+        return make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+
+
 def capture(f, x: torch.Tensor) -> Captured:
     """Trace ``f`` at an input like ``x``; ops without a rule are decomposed where torch knows how."""
-    fake_x = torch.empty_like(x, device=x.device)
+    with torch.inference_mode(False):
+        fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return _capture(f, fake_x)
+
+
+def _capture(f, fake_x: torch.Tensor) -> Captured:
     try:
-        gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+        gm = _trace(f, fake_x)
         for _ in range(4):  # decompose ops that have no rule, until nothing changes
             table = _decompositions_for(gm)
             if not table:
@@ -155,6 +175,34 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             return p
 
         args = n.args
+        if name in _VALUE_INDEPENDENT:
+            bd[n] = None  # shape and dtype taken from the input, values not: a constant
+            continue
+        if name == "copy":  # copy(dst, src): the values of src, broadcast to dst's shape
+            p = bd.get(args[1])
+            if p is None:
+                bd[n] = None
+                continue
+            q = o0.dim() - (_val(args[1]).dim() - p)
+            if q < 0 or o0.shape[q] != B:
+                fail(n, "copying broadcasts the batch dimension away")
+            bd[n] = q
+            continue
+        if name in ("slice_scatter", "select_scatter"):
+            d = (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) % o0.dim()
+            p_in, p_src = bd.get(args[0]), bd.get(args[1])
+            if p_src is not None and name == "select_scatter":
+                p_src = p_src if p_src < d else p_src + 1
+            ps = {p for p in (p_in, p_src) if p is not None}
+            if len(ps) != 1 or d in ps:
+                fail(n, "writing into a slice along the batch dimension")
+            bd[n] = ps.pop()
+            if o0.shape[bd[n]] != B:
+                fail(n, "the batch dimension disappears")
+            continue
+        if name == "index_put":
+            bd[n] = _index_put_batch(n, bd, B, fail)
+            continue
         if name in ("mm", "addmm", "bmm", "baddbmm"):
             off = 1 if name in ("addmm", "baddbmm") else 0
             lhs, rhs = args[off], args[off + 1]
@@ -305,6 +353,52 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             else:
                 fail(n, "torchderiv does not know how this op treats the batch dimension")
 
+    out = next(n for n in nodes if n.op == "output").args[0]
+    if isinstance(out, fx.Node) and bd.get(out) not in (None, 0):
+        raise BatchMixingError(
+            f"{fname}: batched=True requires f(x)[b] to depend on x[b] only, but f moves the batch "
+            f"dimension of x to dimension {bd[out]} of its output (a transpose or permute at the end?). "
+            f"Return [B, *out] from f, or pass batched=False to treat x as one point."
+        )
+
+
+def _index_put_batch(n, bd, B, fail):
+    """Batch position after ``index_put(inp, indices, values)`` with constant indices."""
+    inp, indices, values = n.args[0], n.args[1], n.args[2]
+    if any(bd.get(i) is not None for i in indices if isinstance(i, fx.Node)):
+        fail(n, "indices that depend on the input")
+    iv = _val(inp)
+    pos = [i for i, t in enumerate(indices) if t is not None]
+    if not pos or pos != list(range(pos[0], pos[-1] + 1)):
+        fail(n, "non-adjacent advanced indices")
+    idx_vals = [_val(indices[i]) for i in pos]
+    if any(v.dtype == torch.bool for v in idx_vals):
+        nd_idx = 1
+        n_idx_dims = sum(v.dim() for v in idx_vals)
+    else:
+        nd_idx = max(v.dim() for v in idx_vals)
+        n_idx_dims = len(pos)
+    first, after = pos[0], pos[0] + n_idx_dims
+    p_in = bd.get(inp)
+    if p_in is not None and first <= p_in < after:
+        fail(n, "indexing along the batch dimension")
+    p_val = None
+    if bd.get(values) is not None:
+        rank = iv.dim() - n_idx_dims + nd_idx  # rank of inp[indices], which values broadcast to
+        q = rank - (_val(values).dim() - bd[values])
+        if q < first:
+            p_val = q
+        elif q >= first + nd_idx:
+            p_val = q - nd_idx + n_idx_dims
+        else:
+            fail(n, "values carry the batch along the indexed dimensions")
+        if iv.shape[p_val] != B:
+            fail(n, "values broadcast along the batch dimension")
+    ps = {p for p in (p_in, p_val) if p is not None}
+    if len(ps) != 1:
+        fail(n, "inputs carry the batch in different dimensions")
+    return ps.pop()
+
 
 def _view_batch(ishape, oshape, p, B):
     """Where the batch dim lands after a view. The batch index is always the slowest-varying factor of
@@ -334,6 +428,12 @@ def _find_batch_keep(iv, ov, p, B):
     # squeeze never removes a dim of size B > 1
     return p - sum(1 for d in removed[: iv.dim() - ov.dim()] if d < p)
 
+
+_VALUE_INDEPENDENT = {
+    "new_zeros", "new_ones", "new_full", "new_empty", "new_empty_strided", "zeros_like", "ones_like",
+    "full_like", "empty_like", "rand_like", "randn_like", "randint_like", "fill", "zero", "sym_size",
+    "sym_numel", "sym_stride", "_local_scalar_dense",
+}
 
 RULES_ELEMENTWISE = {
     "tanh", "sigmoid", "exp", "expm1", "log", "log1p", "sin", "cos", "sinh", "cosh", "sqrt", "rsqrt",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._capture import TraceError
-from ._engine import derivative_graph, register_fast
+from ._engine import _check_traced_output, derivative_graph, output_shape, register_fast
 from ._jet import full
 from ._plan import MultiIndex, Plan
 
@@ -52,15 +52,7 @@ def numel(shape) -> int:
     return math.prod(shape)
 
 
-def check_output(fname: str, y, x: Tensor, batched: bool) -> None:
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{fname}: f must return a single tensor, got {type(y).__name__}")
-    if batched and (y.dim() == 0 or y.shape[0] != x.shape[0]):
-        raise ValueError(
-            f"{fname}: with batched=True, f(x) must keep the batch dimension: x has shape {tuple(x.shape)} "
-            f"(B={x.shape[0]}) but f(x) has shape {tuple(y.shape)}. Return [B, *out] from f, or pass "
-            f"batched=False to treat x as one point"
-        )
+check_output = _check_traced_output
 
 
 def _probe_output(fname: str, f, x: Tensor, batched: bool):
@@ -68,6 +60,26 @@ def _probe_output(fname: str, f, x: Tensor, batched: bool):
         y = f(x)
     check_output(fname, y, x, batched)
     return y
+
+
+def traceable(fname: str, f, x: Tensor, batched: bool) -> bool:
+    """Trace ``f`` (cached) and check its output and, with ``batched``, that rows do not interact.
+
+    Returns ``False`` when ``f`` cannot be traced; its output is then checked by running it once."""
+    try:
+        output_shape(f, x, batched, fname)
+        return True
+    except TraceError:
+        _probe_output(fname, f, x, batched)
+        return False
+
+
+def map_samples(g: Callable, x: Tensor) -> Tensor:
+    """``vmap(g)(x)``, or a loop over the samples where vmap cannot run ``g`` (data-dependent control flow)."""
+    try:
+        return torch.func.vmap(g)(x)
+    except Exception:  # noqa: BLE001 - any vmap failure: the loop is always correct
+        return torch.stack([g(x[b]) for b in range(x.shape[0])])
 
 
 # ----------------------------------------------------------------------------- forward Taylor path

@@ -10,6 +10,7 @@ captured constants (parameters, buffers) as inputs, so an ordinary backward reac
 from __future__ import annotations
 
 import operator
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -150,14 +151,10 @@ def seeds(plan_dirs: list, x: torch.Tensor, batched: bool) -> torch.Tensor:
 def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool) -> fx.GraphModule:
     """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``."""
 
-    s = seeds(dirs, x, batched)
-
     def taylor(xx, *consts):
         ctx = Ctx(plan)
         xj = Jet(xx, [s] + [None] * (plan.order - 1))
         out = _interpret(ctx, cap.gm, [xj, *consts])
-        if not isinstance(out, torch.Tensor) and not isinstance(out, Jet):
-            raise TypeError("f must return a single tensor")
         if not isinstance(out, Jet):
             out = Jet(out, [None] * plan.order)
         coefs = []
@@ -167,9 +164,13 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
             coefs.append(X)
         return (out.p, *coefs)
 
-    with torch.no_grad():
+    # tensors made while building (seeds, index and coefficient tables) are kept in the graph: never
+    # inference tensors, which could not take part in a later call that autograd records
+    with torch.inference_mode(False), torch.no_grad():
         consts = [c.detach() for c in cap.constants]
-        gm = make_fx(taylor)(x.detach(), *consts)
+        xb = x.detach().clone() if x.is_inference() else x.detach()
+        s = seeds(dirs, x, batched)
+        gm = make_fx(taylor)(xb, *consts)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -180,26 +181,89 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
 
 @dataclass
 class Entry:
-    gm: fx.GraphModule
+    gm: fx.GraphModule | None
     constants: list[torch.Tensor]
-    # for nn.Module f: (owner dict, name, tensor) of every constant that is a parameter or buffer, so a
-    # parameter object replaced after tracing (not just updated in place) is noticed
-    owners: list = None
+    # what the trace depended on besides x (see :func:`fingerprint`); the entry is reused only while
+    # it is unchanged. Holding ``constants`` keeps their ids from being reused by new tensors.
+    fp: tuple = ()
 
-    def fresh(self) -> bool:
-        return all(d.get(name) is t for d, name, t in self.owners or ())
+    def fresh(self, f) -> bool:
+        return self.fp == fingerprint(f)
 
 
-def _owners_of(f, constants: list[torch.Tensor]) -> list:
-    if not isinstance(f, torch.nn.Module):
-        return []
-    where = {}
-    for m in f.modules():
-        for d in (m._parameters, m._buffers):
+_SIMPLE = (int, float, bool, str, bytes, complex, type(None))
+
+
+def _fp_value(v, out: list, depth: int) -> None:
+    """Append what a trace may have read from ``v``: values of Python scalars, identities of tensors,
+    functions and modules, and the state of modules and closures (recursively, ``depth`` levels)."""
+    if isinstance(v, _SIMPLE):
+        out.append(v)
+    elif isinstance(v, torch.Tensor):
+        out.append(id(v))
+    elif isinstance(v, torch.nn.Module):
+        _fp_module(v, out)
+    elif isinstance(v, (tuple, list)) and len(v) <= 16:
+        out.append(len(v))
+        for a in v:
+            _fp_value(a, out, depth)
+    elif depth > 0 and (hasattr(v, "__code__") or hasattr(v, "__func__")):
+        _fp_function(v, out, depth - 1)
+    else:
+        out.append(id(type(v)))
+
+
+def _fp_module(m: torch.nn.Module, out: list) -> None:
+    for sub in m.modules():
+        out.append(id(sub))
+        out.append(sub.training)
+        for k, v in sub.__dict__.items():
+            if k[0] != "_":
+                out.append(k)
+                _fp_value(v, out, 0)
+        for d in (sub._parameters, sub._buffers):
             for name, t in d.items():
-                if t is not None:
-                    where.setdefault(id(t), (d, name, t))
-    return [where[id(c)] for c in constants if id(c) in where]
+                out.append(name)
+                out.append(id(t))
+
+
+def _fp_function(f, out: list, depth: int) -> None:
+    if hasattr(f, "__func__"):  # bound method: its instance and its function
+        _fp_value(f.__self__, out, depth)
+        f = f.__func__
+    out.append(id(f))
+    code = getattr(f, "__code__", None)
+    if code is None:
+        return
+    for c in f.__closure__ or ():
+        try:
+            _fp_value(c.cell_contents, out, depth)
+        except ValueError:  # an empty cell
+            out.append(None)
+    for d in f.__defaults__ or ():
+        _fp_value(d, out, depth)
+    g = f.__globals__
+    for name in code.co_names:
+        v = g.get(name, _MISSING)
+        if v is not _MISSING and not isinstance(v, (type, types.ModuleType)):
+            _fp_value(v, out, depth)
+
+
+_MISSING = object()
+
+
+def fingerprint(f) -> tuple:
+    """The state a trace of ``f`` depends on besides its input: for a module, the identity of every
+    submodule, parameter and buffer, training flags and plain Python attributes (``self.w0 = 3.0``);
+    for a function, its closure variables, defaults and the globals it names (rebinding ``W = ...``).
+    In-place updates of tensors (optimizer steps, ``load_state_dict``) keep the identities: the
+    generated graphs read the live tensors."""
+    out: list = []
+    if isinstance(f, torch.nn.Module):
+        _fp_module(f, out)
+    else:
+        _fp_function(f, out, 2)
+    return tuple(out)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -249,21 +313,68 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     slot = _slot(f)
     key = ("capture", tuple(x.shape), x.dtype, x.device, batched, _mode(f))
     e = slot.get(key)
-    if e is not None and e[1].fresh():
+    if e is not None and e[1].fresh(f):
         return e[0]
     cap = capture(f, x)
     out = next(n for n in cap.gm.graph.nodes if n.op == "output").args[0]
-    cap.out_val = out.meta.get("val") if isinstance(out, fx.Node) else None
+    cap.out_val = pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, out)
+    if not isinstance(cap.out_val, torch.Tensor):
+        _check_traced_output(fname, cap.out_val, x, batched)
     if batched:
-        check_batch_independence(cap, fname)
-    slot[key] = (cap, Entry(gm=None, constants=cap.constants, owners=_owners_of(f, cap.constants)))
+        check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+    _check_traced_output(fname, cap.out_val, x, batched)
+    slot[key] = (cap, Entry(gm=None, constants=cap.constants, fp=fingerprint(f)))
     return cap
+
+
+_NORMS = ("native_layer_norm.default", "native_batch_norm.default", "_native_batch_norm_legit.default",
+          "_native_batch_norm_legit.no_stats", "_native_batch_norm_legit_no_training.default",
+          "native_group_norm.default")
+
+
+def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Callable:
+    """``f`` as the torch.func (reverse) paths should run it: its traced graph with normalization layers
+    written out in elementary ops (torch's own higher derivatives of ``native_layer_norm`` and
+    ``native_batch_norm`` are wrong in some versions: parameter gradients of Hessians, third
+    derivatives), reading the live parameters. Shape-specialized to ``x``; cached like the rest."""
+    slot = _slot(f)
+    key = ("reverse", tuple(x.shape), x.dtype, x.device, batched, _mode(f))
+    e = slot.get(key)
+    if e is None or not e.fresh(f):
+        cap = captured(f, x, batched, fname)
+        from torch._decomp import get_decompositions
+
+        ops = []
+        for name in _NORMS:
+            packet, overload = name.split(".")
+            op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+            if op is not None:
+                ops.append(op)
+        consts = cap.constants
+        with torch.inference_mode(False), torch.no_grad():
+            fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            gm = make_fx(cap.gm, decomposition_table=get_decompositions(ops), tracing_mode="fake",
+                         _allow_non_fake_inputs=True)(fake_x, *[c.detach() for c in consts])
+        e = Entry(gm=gm, constants=consts, fp=fingerprint(f))
+        slot[key] = e
+    gm, consts = e.gm, e.constants
+    return lambda xx: gm(xx, *consts)
+
+
+def _check_traced_output(fname: str, y, x: torch.Tensor, batched: bool) -> None:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{fname}: f must return a single tensor, got {type(y).__name__}")
+    if batched and (y.dim() == 0 or y.shape[0] != x.shape[0]):
+        raise ValueError(
+            f"{fname}: with batched=True, f(x) must keep the batch dimension: x has shape {tuple(x.shape)} "
+            f"(B={x.shape[0]}) but f(x) has shape {tuple(y.shape)}. Return [B, *out] from f, or pass "
+            f"batched=False to treat x as one point"
+        )
 
 
 def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
     """Shape of ``f(x)`` from the traced graph (``f`` is not run)."""
-    v = captured(f, x, batched, fname).out_val
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return tuple(captured(f, x, batched, fname).out_val.shape)
 
 
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
@@ -271,12 +382,12 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     slot = _slot(f)
     key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f))
     e = slot.get(key)
-    if e is not None and e.fresh():
+    if e is not None and e.fresh(f):
         slot.move_to_end(key)
         return e
     cap = captured(f, x, batched, fname)
     gm = build(cap, plan, dirs, x, batched)
-    e = Entry(gm=gm, constants=cap.constants, owners=_owners_of(f, cap.constants))
+    e = Entry(gm=gm, constants=cap.constants, fp=fingerprint(f))
     slot[key] = e
     while len(slot) > _PER_F:
         slot.popitem(last=False)
@@ -315,7 +426,7 @@ def fast_call(f, key, x):
     if hit is None:
         return None
     runner, entry, mode = hit
-    if mode != _mode(f) or not entry.fresh():
+    if mode != _mode(f) or not entry.fresh(f):
         del d[(_owner(f)[1], key)]
         return None
     return runner(x)

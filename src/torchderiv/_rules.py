@@ -422,6 +422,63 @@ def _index_select(ctx, x, dim, index):
     return Jet(y, [None if X is None else full(X, x.p.shape).index_select(d + 1, index) for X in x.c])
 
 
+def _scatter_like(ctx, inp, src, y, write):
+    """Jet of a functional write of ``src`` into part of ``inp`` (``write(into, values)`` on any tensor
+    with the stream dim in front): each coefficient is the write of the coefficients."""
+    out = []
+    for k in range(ctx.K):
+        ci = inp.c[k] if isinstance(inp, Jet) else None
+        cs = src.c[k] if isinstance(src, Jet) else None
+        if ci is None and cs is None:
+            out.append(None)
+            continue
+        rows = ctx.plan.orders[k].nrows
+        ci = full(ci, P(inp).shape) if ci is not None else P(inp).new_zeros((rows, *P(inp).shape))
+        cs = full(cs, P(src).shape) if cs is not None else P(src).new_zeros((rows, *P(src).shape))
+        out.append(write(ci, cs))
+    return Jet(y, out)
+
+
+@rule(aten.slice_scatter.default)
+def _slice_scatter(ctx, inp, src, dim=0, start=None, end=None, step=1):
+    d = _dim(dim, P(inp).dim())
+    y = aten.slice_scatter.default(P(inp), P(src), d, start, end, step)
+    return _scatter_like(ctx, inp, src, y, lambda a, b: aten.slice_scatter.default(a, b, d + 1, start, end, step))
+
+
+@rule(aten.select_scatter.default)
+def _select_scatter(ctx, inp, src, dim, index):
+    d = _dim(dim, P(inp).dim())
+    y = aten.select_scatter.default(P(inp), P(src), d, index)
+    return _scatter_like(ctx, inp, src, y, lambda a, b: aten.select_scatter.default(a, b, d + 1, index))
+
+
+@rule(aten.index_put.default)
+def _index_put(ctx, inp, indices, values, accumulate=False):
+    idx = list(indices)
+    _require_constant(*[i for i in idx if i is not None])
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    if not pos or pos != list(range(pos[0], pos[-1] + 1)):
+        raise Unsupported("non-adjacent advanced indices")
+    pi, pv = P(inp), P(values)
+    y = aten.index_put.default(pi, idx, pv, accumulate)
+    target = aten.index.Tensor(pi, idx).shape  # what values broadcast to
+
+    def write(a, b):
+        b = b.reshape(b.shape[0], *([1] * (len(target) - pv.dim())), *pv.shape).expand(b.shape[0], *target)
+        return aten.index_put.default(a, [None] + idx, b, accumulate)
+
+    return _scatter_like(ctx, inp, values, y, write)
+
+
+@rule(aten.copy.default)
+def _copy(ctx, dst, src, non_blocking=False):
+    y = aten.copy.default(P(dst), P(src), non_blocking)
+    if not isinstance(src, Jet):
+        return y
+    return Jet(y, [None if X is None else full(X.to(y.dtype), y.shape) for X in src.c])
+
+
 @rule(aten.constant_pad_nd.default)
 def _pad(ctx, x, pad, value=0):
     y = aten.constant_pad_nd.default(x.p, pad, value)
@@ -597,9 +654,24 @@ def _logsumexp(ctx, x, dims, keepdim=False):
 
 @rule(aten.native_batch_norm.default)
 def _bn(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    if training or running_mean is None:
-        raise Unsupported("batch norm with batch statistics")
-    return _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps)
+    if not training and running_mean is not None:
+        return _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps)
+    # batch statistics (one point, batched=False): the primal op as f runs it (running statistics
+    # updated alike), the coefficients through the normalization over every dim but the channels
+    _require_constant(weight, bias, running_mean, running_var)
+    y, save_mean, save_invstd = aten.native_batch_norm.default(x.p, weight, bias, running_mean, running_var,
+                                                               training, momentum, eps)
+    dims = [0] + list(range(2, x.p.dim()))
+    m = _mean(ctx, x, dims, True)
+    xc = add(ctx, x, m, x.p - m.p, -1)
+    v = _mean(ctx, product(ctx, xc, xc, torch.mul), dims, True)
+    ve = Jet(v.p + eps, v.c)
+    rstd = _unary_apply(ctx, ve, torch.rsqrt(ve.p), D.rsqrt_derivs)
+    out = product(ctx, xc, rstd, torch.mul)
+    if weight is not None:
+        w = weight.reshape([1, -1] + [1] * (x.p.dim() - 2))
+        out = scale(ctx, out, w, out.p * w)
+    return Jet(y, out.c), save_mean, save_invstd
 
 
 @rule(aten._native_batch_norm_legit_no_training.default)
@@ -762,5 +834,5 @@ def _constant_result(op):
 for _op in (aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
             aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
             aten.new_full.default, aten.new_empty.default, aten.sign.default, aten.floor.default,
-            aten.ceil.default, aten.round.default, aten.trunc.default):
+            aten.ceil.default, aten.round.default, aten.trunc.default, aten.fill.Scalar, aten.zero.default):
     RULES[_op] = _constant_result(_op)
