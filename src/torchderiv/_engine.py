@@ -214,17 +214,26 @@ def _fp_value(v, out: list, depth: int) -> None:
 
 
 def _fp_module(m: torch.nn.Module, out: list) -> None:
-    for sub in m.modules():
-        out.append(id(sub))
-        out.append(sub.training)
-        for k, v in sub.__dict__.items():
-            if k[0] != "_":
-                out.append(k)
+    # on every call of the fast path: kept to plain loops over the modules' dicts
+    d = m.__dict__
+    out.append(id(m))
+    for k, v in d.items():
+        if k[0] != "_":
+            out.append(k)
+            if type(v) in _SIMPLE_TYPES:
+                out.append(v)
+            else:
                 _fp_value(v, out, 0)
-        for d in (sub._parameters, sub._buffers):
-            for name, t in d.items():
-                out.append(name)
-                out.append(id(t))
+    out.extend(map(id, d["_parameters"].values()))
+    out.extend(d["_parameters"])
+    out.extend(map(id, d["_buffers"].values()))
+    out.extend(d["_buffers"])
+    for sub in d["_modules"].values():
+        if sub is not None:
+            _fp_module(sub, out)
+
+
+_SIMPLE_TYPES = frozenset(_SIMPLE)
 
 
 def _fp_function(f, out: list, depth: int) -> None:
