@@ -20,28 +20,34 @@ from torch import Tensor
 Derivs = Callable[[Tensor, Tensor, int], list]
 
 
-def _leibniz_square(g: list, k: int) -> Tensor:
-    """k-th derivative of g^2 given g^(0..k) (g[0] is g itself)."""
+def _leibniz_square(g: list, k: int, sign: float = 1.0) -> Tensor:
+    """``sign`` times the k-th derivative of g^2 given g^(0..k) (g[0] is g itself); the sign is folded into
+    the binomial factors, so no separate negation is recorded."""
     total = None
     for j in range(k // 2 + 1):
+        c = sign * math.comb(k, j) * (1 if 2 * j == k else 2)
         term = g[j] * g[k - j]
-        c = math.comb(k, j) * (1 if 2 * j == k else 2)
         term = term * c if c != 1 else term
         total = term if total is None else total + term
     return total
 
 
+def _one_minus_square(y: Tensor) -> Tensor:
+    """``1 - y^2`` as one fused op."""
+    return torch.addcmul(y.new_ones(()), y, y, value=-1)
+
+
 def tanh_derivs(x: Tensor, y: Tensor, K: int) -> list:
     # g' = 1 - g^2  =>  g^(k+1) = -(g^2)^(k) for k >= 1
-    g = [y, 1 - y * y]
+    g = [y, _one_minus_square(y)]
     for k in range(1, K):
-        g.append(-_leibniz_square(g, k))
+        g.append(_leibniz_square(g, k, -1.0))
     return g[1 : K + 1]
 
 
 def sigmoid_derivs(x: Tensor, y: Tensor, K: int) -> list:
     # g' = g - g^2  =>  g^(k+1) = g^(k) - (g^2)^(k)
-    g = [y, y - y * y]
+    g = [y, torch.addcmul(y, y, y, value=-1)]
     for k in range(1, K):
         g.append(g[k] - _leibniz_square(g, k))
     return g[1 : K + 1]
@@ -258,7 +264,7 @@ def elu_derivs(alpha: float, scale: float, input_scale: float) -> Derivs:
 
 def tan_derivs(x, y, K):
     # g' = 1 + g^2  =>  g^(k+1) = (g^2)^(k) for k >= 1
-    g = [y, 1 + y * y]
+    g = [y, torch.addcmul(y.new_ones(()), y, y)]
     for k in range(1, K):
         g.append(_leibniz_square(g, k))
     return g[1 : K + 1]

@@ -118,14 +118,55 @@ def _add(a: Coef, b: Coef) -> Coef:
     return a + b
 
 
+def _runs(first: list[int], second: list[int]) -> list[list[int]]:
+    """Split pairs ``(first[j], second[j])`` into runs ``[a, b, n]``: ``first`` constant ``a`` while
+    ``second`` counts up ``b, b+1, ..., b+n-1``."""
+    runs: list[list[int]] = []
+    for a, b in zip(first, second):
+        if runs and runs[-1][0] == a and runs[-1][1] + runs[-1][2] == b:
+            runs[-1][2] += 1
+        else:
+            runs.append([a, b, 1])
+    return runs
+
+
+_MAX_RUNS = 8
+
+
+def _pair_products(ctx: Ctx, X: Tensor, first: list[int], second: list[int]) -> Tensor:
+    """``X[first] * X[second]`` for pairs of rows of one coefficient tensor.
+
+    Squares need no gather; pairs that come in a few runs (the upper triangle of a Hessian:
+    ``(0,0), (0,1), (1,1)``) are products of row slices, views that autograd saves without copies, instead
+    of two gathered copies of the coefficient."""
+    if first == second:
+        G = gather(ctx, X, first)
+        return G * G
+    runs = _runs(first, second)
+    if len(runs) > _MAX_RUNS:
+        return gather(ctx, X, first) * gather(ctx, X, second)
+    blocks = [X[a : a + 1] * X[b : b + n] for a, b, n in runs]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def _accumulate(Y: Coef, S: Tensor, g) -> Tensor:
+    """``Y + S * g`` as one op (``addcmul`` / ``add`` with ``alpha``); ``g`` is a tensor or a number."""
+    if Y is None:
+        return S * g
+    if isinstance(g, Tensor):
+        return torch.addcmul(Y, S, g)
+    return Y.add(S, alpha=g)
+
+
 def _group_product(ctx: Ctx, group: TermGroup, coefs: Sequence[Sequence[Coef]], ndim: int,
                    bilinear: Callable | None = None) -> Tensor | None:
-    factors = []
-    for s, order in enumerate(group.orders):
-        X = coefs[s][order - 1]
-        if X is None:
-            return None
-        factors.append(align(gather(ctx, X, group.positions[s]), ndim))
+    Xs = [coefs[s][order - 1] for s, order in enumerate(group.orders)]
+    if any(X is None for X in Xs):
+        return None
+    if bilinear is None and len(Xs) == 2 and Xs[0] is Xs[1]:
+        prod = align(_pair_products(ctx, Xs[0], group.positions[0], group.positions[1]), ndim)
+        return contract(ctx, group.contraction, prod)
+    factors = [align(gather(ctx, X, group.positions[s]), ndim) for s, X in enumerate(Xs)]
     if bilinear is not None:
         prod = bilinear(factors[0], factors[1])
     else:
@@ -166,7 +207,7 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence) -> Jet:
             for group in op.compose.get(m, []):
                 S = _add(S, _group_product(ctx, group, [x.c] * m, nd))
             if S is not None:
-                Y = _add(Y, S * gm)
+                Y = _accumulate(Y, S, gm)
         out.append(Y)
     return Jet(y, out)
 
