@@ -138,8 +138,9 @@ def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], comb
         return assemble(*_chunked(fname, f, x, items, combos, batched, chunk_size, stacked, directions,
                                   reference_combos))
     coords, plan, where_items, where_combos, whole = _plan_for(items, combos, directions)
+    outputs = tuple(sorted({k for k, _ in where_items if k} | {k for k, _ in where_combos}))
     try:
-        entry = derivative_graph(f, x, plan, coords, batched, fname)
+        entry = derivative_graph(f, x, plan, coords, batched, fname, outputs)
     except TraceError as e:
         y, parts, sums = _traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
         if not stacked:

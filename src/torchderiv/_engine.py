@@ -148,8 +148,12 @@ def seeds(plan_dirs: list, x: torch.Tensor, batched: bool) -> torch.Tensor:
     return eye.reshape(len(plan_dirs), *([1] if batched else []), *in_shape)
 
 
-def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool) -> fx.GraphModule:
-    """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``."""
+def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool,
+          outputs: tuple[int, ...] | None = None) -> fx.GraphModule:
+    """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``.
+
+    ``outputs`` names the orders the caller reads; the others come back as ``None`` and the work that
+    only they needed (the last layers' lower-order coefficients of a Laplacian) is removed from the graph."""
 
     def taylor(xx, *consts):
         ctx = Ctx(plan)
@@ -159,6 +163,9 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
             out = Jet(out, [None] * plan.order)
         coefs = []
         for k, X in enumerate(out.c):
+            if outputs is not None and k + 1 not in outputs:
+                coefs.append(None)
+                continue
             if X is None:
                 X = ctx.zeros(k + 1, out.p)
             coefs.append(X)
@@ -387,15 +394,15 @@ def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
 
 
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
-                     fname: str) -> Entry:
+                     fname: str, outputs: tuple[int, ...] | None = None) -> Entry:
     slot = _slot(f)
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f))
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
         return e
     cap = captured(f, x, batched, fname)
-    gm = build(cap, plan, dirs, x, batched)
+    gm = build(cap, plan, dirs, x, batched, outputs)
     e = Entry(gm=gm, constants=cap.constants, fp=fingerprint(f))
     slot[key] = e
     while len(slot) > _PER_F:
