@@ -44,15 +44,20 @@ class PoissonTerms(nn.Module):
         return torchderiv.laplacian(self.net, x_in), self.net(x_b)
 
 
-def init(rank: int, world_size: int) -> torch.device:
-    """Join the process group (MASTER_ADDR / MASTER_PORT from the environment, as torchrun sets them)."""
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if cuda:
+def init(rank: int, world_size: int, device: str | None = None) -> torch.device:
+    """Join the process group (MASTER_ADDR / MASTER_PORT from the environment, as torchrun sets them).
+
+    ``device=None`` takes one GPU per local process with NCCL when there are enough GPUs on this node,
+    else the CPU with gloo; ``"cpu"`` forces gloo on the CPU (what the test suite does on any machine)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "cpu"
+    if device == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return dev
 
 

@@ -193,3 +193,13 @@ def test_compare():
 def test_memory_probe_subprocess():
     peak, how = probe_memory_subprocess({"scenario": "tiny-mlp", "method": "vmap(jacrev)"}, timeout=120)
     assert peak is not None and peak >= 0, how
+
+
+def test_device_auto_resolves_to_what_torch_sees(monkeypatch):
+    from torchderiv.bench._cli import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cpu") == "cpu"

@@ -179,7 +179,7 @@ def _union_batch():
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    ddp_poisson.init(rank, world)
+    ddp_poisson.init(rank, world, device="cpu")  # gloo on the CPU whatever GPUs the machine has
     try:
         torch.manual_seed(0)
         net = mlp(2, 16, 2, dtype=F64)

@@ -38,6 +38,13 @@ def _scenario_list() -> str:
                      if not sc.hidden)
 
 
+def resolve_device(choice: str) -> str:
+    """``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``; explicit choices are kept."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="benchmark derivative methods side by side",
@@ -50,7 +57,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    help="timed samples per method (default 15, 5 with --quick)")
     p.add_argument("--json", metavar="PATH", help="write machine-readable results here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG chart of the speed-ups here")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run: auto (default) takes the GPU when torch sees one, else the CPU")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                    help="measure peak memory per method (a subprocess per method on CPU); default: on "
                         "without --quick")
@@ -133,7 +141,7 @@ def run_bench(args, argv: list[str] | None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available in this torch build / machine")
     chosen = _select(args)
-    device = torch.device(args.device)
+    device = torch.device(resolve_device(args.device))
     memory = (not args.quick) if args.memory is None else args.memory
     if args.quick:
         policy = TimingPolicy(repeat=args.repeat or 5, warmup=1, min_sample_s=0.005, budget_s=1.5, min_repeat=3)

@@ -96,14 +96,15 @@ def td_jet(spec_pairs: bool = False) -> Builder:
         if not spec_pairs:
             return lambda: (torchderiv_jacobian(s), torchderiv_hessian(s))
         spec = [(i,) for i in range(n)] + [(i, j) for i in range(n) for j in range(i, n)]
-        idx = torch.tensor([spec.index((min(i, j), max(i, j))) - n for i in range(n) for j in range(n)])
+        order = [spec.index((min(i, j), max(i, j))) - n for i in range(n) for j in range(n)]
 
         def run():
             d = torchderiv.partials(s.f, s.x, spec)
             parts = list(d.values())
-            J = torch.stack(parts[:n], -1)
-            H = torch.stack(parts[n:], -1).index_select(-1, idx.to(J.device))
-            return J.detach(), H.reshape(*H.shape[:-1], n, n).detach()
+            # stacked along a new leading dim (contiguous copies), moved last as views
+            J = torch.stack(parts[:n]).movedim(0, -1)
+            H = torch.stack([parts[n + k] for k in order]).movedim(0, -1)
+            return J.detach(), H.unflatten(-1, (n, n)).detach()
 
         return run
 
