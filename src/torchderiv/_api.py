@@ -224,7 +224,10 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
 
     def assemble(y, parts, _):
         H = parts.index_select(0, idx)  # [n*n, *y]
-        return H.movedim(0, -1).unflatten(-1, (*ins, *ins))  # a view: no strided copy
+        H = H.movedim(0, -1)
+        if not ins:  # a scalar input: the single entry
+            return H.squeeze(-1)
+        return H.unflatten(-1, (*ins, *ins))  # a view: no strided copy
 
     return taylor(fname, f, x, pairs, [], batched, chunk_size, assemble=assemble, fast_key=key)
 

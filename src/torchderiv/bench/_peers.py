@@ -88,27 +88,31 @@ def seed001_loop(s: Setup) -> Runner:
 
 
 def td_jet(spec_pairs: bool = False) -> Builder:
-    """``(J, H)`` from one ``torchderiv.partials`` pass over every multi-index of order 1 and 2, or from
-    ``torchderiv.jacobian`` + ``torchderiv.hessian`` (two passes) with ``spec_pairs=False``."""
+    """``(J, H)`` from ``torchderiv.jacobian`` + ``torchderiv.hessian`` (two passes), or with ``spec_pairs``
+    the one ``torchderiv.partials`` call over every multi-index of order 1 and 2 that a user writes (its
+    ``n + n(n+1)/2`` tensors; :func:`jet_to_dense` lays them out as ``(J, H)`` for the agreement check)."""
 
     def build(s: Setup) -> Runner:
         n = s.n
         if not spec_pairs:
             return lambda: (torchderiv_jacobian(s), torchderiv_hessian(s))
         spec = [(i,) for i in range(n)] + [(i, j) for i in range(n) for j in range(i, n)]
-        order = [spec.index((min(i, j), max(i, j))) - n for i in range(n) for j in range(n)]
-
-        def run():
-            d = torchderiv.partials(s.f, s.x, spec)
-            parts = list(d.values())
-            # stacked along a new leading dim (contiguous copies), moved last as views
-            J = torch.stack(parts[:n]).movedim(0, -1)
-            H = torch.stack([parts[n + k] for k in order]).movedim(0, -1)
-            return J.detach(), H.unflatten(-1, (n, n)).detach()
-
-        return run
+        return lambda: tuple(t.detach() for t in torchderiv.partials(s.f, s.x, spec).values())
 
     return build
+
+
+def jet_to_dense(parts: tuple) -> tuple:
+    """``n`` first partials then the ``(i, j), i <= j`` second partials (``[B, *out]`` each) as the
+    dense ``(J [B, *out, n], H [B, *out, n, n])`` of torch.func (mixed partials duplicated)."""
+    n = 0
+    while n + n * (n + 1) // 2 < len(parts):
+        n += 1
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    order = [pairs.index((min(i, j), max(i, j))) for i in range(n) for j in range(n)]
+    J = torch.stack(parts[:n], -1)
+    H = torch.stack([parts[n + k] for k in order], -1)
+    return J, H.unflatten(-1, (n, n))
 
 
 def torchderiv_jacobian(s):

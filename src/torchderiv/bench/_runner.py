@@ -249,7 +249,7 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
         return res
     res.forward = cands[0].timing
     outputs = {}
-    for mr, c in zip(res.methods, cands[1:]):
+    for m, mr, c in zip(order, res.methods, cands[1:]):
         if c.error is not None:
             mr.status = "ERROR"
             mr.error = f"{type(c.error).__name__}: {c.error}"
@@ -257,6 +257,8 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
             continue
         mr.timing = c.timing
         mr._out = _as_tuple(c.out)  # type: ignore[attr-defined]
+        if m.standardize is not None:
+            mr._out = _as_tuple(m.standardize(mr._out))  # type: ignore[attr-defined]
         outputs[mr.name + "/out"] = mr._out  # type: ignore[attr-defined]
     del cands
 
