@@ -206,6 +206,8 @@ case("pow_tensor_tensor_const_base", lambda x: torch.full((6,), 1.7, dtype=DT) *
      [aten.pow.Tensor_Tensor])
 case("where", lambda x: torch.where(h(x) > 0, torch.sin(h2(x)) * h(x), torch.exp(h2(x))), [aten.where.self])
 case("where_constant_branch", lambda x: torch.where(h(x) > 0.2, torch.sin(h2(x)), 0.5), [aten.where.self])
+case("hypot", lambda x: torch.hypot(torch.sin(h(x)) + 1.5, torch.cos(h2(x))), [aten.hypot.default])
+case("hypot_constant", lambda x: torch.hypot(h(x), torch.full((6,), 0.7, dtype=DT)), [aten.hypot.default])
 case("maximum", lambda x: torch.maximum(torch.sin(h(x)), torch.cos(h2(x))) * h(x), [aten.maximum.default])
 case("minimum", lambda x: torch.minimum(torch.sin(h(x)), torch.cos(h2(x))) * h(x), [aten.minimum.default])
 case("maximum_constant", lambda x: torch.maximum(torch.sin(h(x)), torch.zeros(6, dtype=DT)) * torch.exp(h2(x)),
@@ -293,6 +295,11 @@ shape_ops = [
     ("contiguous_after_transpose", lambda t: t.unflatten(-1, (2, 3)).transpose(1, 2).contiguous(),
      [aten.clone.default]),
     ("to_copy", lambda t: t.to(DT, copy=True), [aten._to_copy.default]),
+    ("repeat", lambda t: t.repeat(1, 2), [aten.repeat.default]),
+    ("repeat_new_leading_dim", lambda t: t.repeat(2, 1, 1).sum(0), [aten.repeat.default]),
+    ("diagonal", lambda t: t.unflatten(-1, (2, 3)).unflatten(-1, (3, 1)).expand(-1, 2, 3, 3)
+     .diagonal(0, -2, -1).flatten(1), [aten.diagonal.default]),
+    ("diagonal_offset", lambda t: t.unflatten(-1, (2, 3)).diagonal(1, 1, 2), [aten.diagonal.default]),
 ]
 for name, s, ops in shape_ops:
     # linear ops act on every coefficient alike: orders up to 3 exercise the products after them

@@ -46,6 +46,28 @@ def _decompositions_for(gm: fx.GraphModule) -> dict:
     return table
 
 
+def _mutating_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target._schema.is_mutable]
+
+
+_VIEW_OPS = {"slice", "select", "narrow", "view", "_unsafe_view", "as_strided", "split", "split_with_sizes",
+             "chunk", "unbind", "diagonal", "expand", "transpose", "t", "permute", "unsqueeze", "squeeze",
+             "alias", "unfold", "movedim", "view_as_real", "view_as_complex", "detach"}
+
+
+def _writes_into_view(n: fx.Node) -> bool:
+    """Whether the in-place op ``n`` mutates a tensor that aliases another value of the graph."""
+    dst = n.args[0] if n.args else None
+    while isinstance(dst, fx.Node) and dst.op == "call_function" and dst.target is operator.getitem:
+        dst = dst.args[0]
+    if not isinstance(dst, fx.Node) or dst.op != "call_function":
+        return False
+    name = getattr(dst.target, "_schema", None)
+    base = name.name.split("::")[-1] if name is not None else ""
+    return base in _VIEW_OPS
+
+
 def _trace(f, fake_x: torch.Tensor) -> fx.GraphModule:
     """``make_fx`` of ``f``, functionalized: in-place ops (also on views: ``y[:, :2].tanh_()``,
     ``y[..., 1:] = v``) become out-of-place ops and ``*_scatter``, so every value in the graph is
@@ -78,8 +100,18 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
             with torch.no_grad():  # already ATen-level: grad mode no longer changes what is recorded
                 gm = make_fx(gm, decomposition_table=table, tracing_mode="fake",
                              _allow_non_fake_inputs=True)(fake_x)
+        if _mutating_nodes(gm):
+            # decompositions may write in place into views (circular padding: slices of new_empty, recurrent
+            # cells: chunks of one gate tensor); functionalize once more so rules never see a mutation
+            with torch.no_grad():
+                gm = make_fx(torch.func.functionalize(gm, remove="mutations"), tracing_mode="fake",
+                             _allow_non_fake_inputs=True)(fake_x)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not a static graph"
         raise TraceError(f"{type(e).__name__}: {e}") from e
+    if any(_writes_into_view(n) for n in _mutating_nodes(gm)):
+        # never silently wrong: a jet cannot follow a write through an alias; torch.func can
+        raise TraceError("f writes in place into a view of an intermediate tensor, which the Taylor "
+                         "transform cannot follow")
     gm.graph.eliminate_dead_code()
     # lift get_attr tensors to placeholders
     constants: list[torch.Tensor] = []
@@ -106,7 +138,8 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
 
 _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "minimum", "rsub", "clamp",
                      "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_not",
-                     "masked_fill", "fill", "copy", "lerp", "addcmul", "addcdiv", "atan2", "fmod",
+                     "masked_fill", "fill", "copy", "lerp", "addcmul", "addcdiv", "atan2", "fmod", "hypot", "copysign",
+                     "xlogy", "logaddexp", "fmax", "fmin",
                      "remainder", "sign", "bitwise_and", "bitwise_or", "bitwise_not"}
 
 
@@ -137,7 +170,9 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             f"{fname}: batched=True requires that rows of x do not interact, but the traced graph "
             f"mixes them at `{node.target}` ({why}). If f really couples the samples (BatchNorm in "
             f"training mode, x.mean(0), attention across the batch ...), call {fname}(..., batched=False) "
-            f"on one sample at a time, or put the module in eval mode."
+            f"on one sample at a time, or put the module in eval mode. The check is conservative: an op "
+            f"whose effect on the batch dimension it cannot follow counts as mixing, so if rows of f are "
+            f"independent this is a limitation (batched=False per sample still works; please report the op)."
         )
 
     for n in nodes:
@@ -266,8 +301,18 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 if p in padded:
                     fail(n, "padding along the batch dimension")
                 bd[n] = p
-            elif name in ("roll", "repeat"):
-                fail(n, f"{name} may move data between rows")
+            elif name == "repeat":  # tiles; the batch survives when its dim is repeated once
+                reps = list(args[1])
+                q = p + len(reps) - iv.dim()
+                if reps[q] != 1:
+                    fail(n, "repeat tiles along the batch dimension")
+                bd[n] = q
+            elif name == "roll":
+                dims = args[2] if len(args) > 2 else n.kwargs.get("dims", [])
+                dims = [dims] if isinstance(dims, int) else list(dims)
+                if not dims or p in [d % iv.dim() for d in dims]:
+                    fail(n, "roll moves data between rows")
+                bd[n] = p
             else:
                 bd[n] = o0.dim() - (iv.dim() - p)
         elif name in ("slice", "select", "narrow", "index_select", "split", "split_with_sizes", "unbind",
@@ -338,6 +383,14 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 if d == p:
                     fail(n, "gathering along the batch dimension")
                 bd[n] = p
+        elif name == "diagonal":  # diagonal(x, offset, dim1, dim2): the diagonal becomes the last dim
+            p = bd[ins[0]]
+            nd = _val(ins[0]).dim()
+            d1 = (args[2] if len(args) > 2 else n.kwargs.get("dim1", 0)) % nd
+            d2 = (args[3] if len(args) > 3 else n.kwargs.get("dim2", 1)) % nd
+            if p in (d1, d2):
+                fail(n, "a diagonal across the batch dimension")
+            bd[n] = p - sum(1 for d in (d1, d2) if d < p)
         elif name == "native_layer_norm":
             p = bd[ins[0]]
             iv = _val(ins[0])

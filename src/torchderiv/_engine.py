@@ -369,12 +369,19 @@ def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) ->
         consts = cap.constants
         with torch.inference_mode(False), torch.no_grad():
             fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            gm = make_fx(cap.gm, decomposition_table=get_decompositions(ops), tracing_mode="fake",
+            table = get_decompositions(ops)
+            table[torch.ops.aten.copy.default] = _copy_out_of_place  # functional copy has no autograd formula
+            gm = make_fx(cap.gm, decomposition_table=table, tracing_mode="fake",
                          _allow_non_fake_inputs=True)(fake_x, *[c.detach() for c in consts])
         e = Entry(gm=gm, constants=consts, fp=fingerprint(f))
         slot[key] = e
     gm, consts = e.gm, e.constants
     return lambda xx: gm(xx, *consts)
+
+
+def _copy_out_of_place(self, src, non_blocking=False):
+    """``aten.copy`` (what functionalization makes of ``dst.copy_(src)``) in differentiable ops."""
+    return src.to(dtype=self.dtype, device=self.device).expand(self.shape).clone()
 
 
 def _check_traced_output(fname: str, y, x: torch.Tensor, batched: bool) -> None:

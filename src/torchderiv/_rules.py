@@ -321,6 +321,42 @@ def _permute(ctx, x, dims):
                   lambda X: align(X, n).permute(0, *[_dim(d, n) + 1 for d in dims]))
 
 
+@rule(aten.repeat.default)
+def _repeat(ctx, x, reps):
+    reps = list(reps)
+    n = x.p.dim()
+
+    def coef(X):
+        X = full(X, x.p.shape)
+        if len(reps) > n:  # repeat adds leading dims: after the stream dim
+            X = X.reshape(X.shape[0], *([1] * (len(reps) - n)), *X.shape[1:])
+        return X.repeat(1, *reps)
+
+    return linear(ctx, x, lambda p: p.repeat(reps), coef)
+
+
+@rule(aten.diagonal.default)
+def _diagonal(ctx, x, offset=0, dim1=0, dim2=1):
+    n = x.p.dim()
+    d1, d2 = _dim(dim1, n), _dim(dim2, n)
+    return linear(ctx, x, lambda p: p.diagonal(offset, d1, d2),
+                  lambda X: full(X, x.p.shape).diagonal(offset, d1 + 1, d2 + 1))
+
+
+@rule(aten.hypot.default)
+def _hypot(ctx, a, b):
+    """``sqrt(a^2 + b^2)`` through the product, add and sqrt rules (not differentiable where a = b = 0)."""
+    y = torch.hypot(a.p if isinstance(a, Jet) else a, b.p if isinstance(b, Jet) else b)
+    sq = add(ctx, _mul_jets(ctx, a, a), _mul_jets(ctx, b, b), y * y)
+    return RULES[aten.sqrt.default](ctx, as_jet(ctx, sq)) if isinstance(sq, Jet) else y
+
+
+def _mul_jets(ctx, u, v):
+    pu = u.p if isinstance(u, Jet) else u
+    pv = v.p if isinstance(v, Jet) else v
+    return product(ctx, u, v, torch.mul, y=pu * pv)
+
+
 def _view_coef(X: Tensor, pin: Tensor, shape) -> Tensor:
     X = align(X, pin.dim())
     n = X.shape[0]
