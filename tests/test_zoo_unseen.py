@@ -529,19 +529,8 @@ CASES: list[Case] = [
 ]
 SMOOTH = [c for c in CASES if c.smooth]
 
-# Known, loud limitation (README, "Batch independence"): nn.MultiheadAttention folds the batch into the
-# token axis as the FAST factor of a reshape ([T, B, E] -> [T * B, E]); the batch-independence check only
-# follows the batch as the slowest factor of a merged dim, so it raises BatchMixingError although rows do
-# not interact. Strict: a wrong number (AssertionError) or a pass both fail the test.
-KNOWN_CHECKER_LIMITS = {
-    "torch_multihead_attention": "batch folded as the fast factor of a view: the row check cannot follow it",
-}
-
-
 def _params(cases):
-    return [pytest.param(c, id=c.name, marks=pytest.mark.xfail(raises=td.BatchMixingError, strict=True,
-                                                                reason=KNOWN_CHECKER_LIMITS[c.name]))
-            if c.name in KNOWN_CHECKER_LIMITS else pytest.param(c, id=c.name) for c in cases]
+    return [pytest.param(c, id=c.name) for c in cases]
 
 
 all_cases = pytest.mark.parametrize("case", _params(CASES))

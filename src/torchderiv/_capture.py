@@ -143,6 +143,17 @@ _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "min
                      "remainder", "sign", "bitwise_and", "bitwise_or", "bitwise_not"}
 
 
+# ops that may carry a batch dim folded with other dims: they act on the other dims, or independently per
+# index of the batch's dim (the branches below still refuse any op along that dim)
+_FOLD_AWARE = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "clone",
+    "alias", "contiguous", "_to_copy", "detach", "lift_fresh_copy", "mm", "addmm", "bmm", "baddbmm",
+    "sum", "mean", "amax", "amin", "var", "std", "logsumexp", "_softmax", "_log_softmax", "any", "all",
+    "slice", "select", "narrow", "index_select", "split", "split_with_sizes", "unbind", "chunk", "cat", "stack",
+    "native_layer_norm", "diagonal", "constant_pad_nd",
+}
+
+
 class BatchMixingError(ValueError):
     """``batched=True`` was asked for, but the traced graph lets rows of ``x`` interact."""
 
@@ -164,6 +175,10 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
     xv = _val(x)
     B = xv.shape[0]
     bd: dict = {x: 0}
+    # the batch index b sits inside its dim as (o * B + b) * inner + i: views may fold it together with other
+    # dims (attention heads as the fast factor, tokens as the slow one); absent means inner = 1
+    inner: dict = {}
+    folded_nodes: set = set()  # values whose batch dim holds more than the batch (inner or outer factors)
 
     def fail(node, why):
         raise BatchMixingError(
@@ -185,7 +200,11 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             src = n.args[0]
             v = _val(n)
             bd[n] = bd.get(src) if isinstance(v, torch.Tensor) and v.dim() > 0 else None
-            if isinstance(bd[n], int) and (bd[n] >= v.dim() or v.shape[bd[n]] != B):
+            if src in folded_nodes and bd[n] is not None:
+                if inner.get(src, 1) != 1:
+                    inner[n] = inner[src]
+                folded_nodes.add(n)
+            elif isinstance(bd[n], int) and (bd[n] >= v.dim() or v.shape[bd[n]] != B):
                 bd[n] = _find_batch(v, B)
             continue
         out = _val(n)
@@ -198,6 +217,16 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
         for a in ins:
             av = _val(a)
             positions.append((bd[a], av.dim()))
+        folded = [a for a in ins if a in folded_nodes]
+        if folded:
+            if not (name in _FOLD_AWARE or name in _ELEMENTWISE_SAFE or name in RULES_ELEMENTWISE):
+                fail(n, "the batch dimension is folded together with another dimension here")
+            layouts = {(inner.get(a, 1), _val(a).shape[bd[a]]) for a in ins}
+            if len(layouts) != 1:
+                fail(n, "inputs fold the batch dimension differently")
+            (i_in, _), = layouts
+        else:
+            i_in = 1
 
         def same_rank_pos(default_fail=True):
             # batch dim keeps its place counted from the right (broadcasting semantics)
@@ -205,7 +234,8 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             if len(ps) != 1:
                 fail(n, "inputs carry the batch in different dimensions")
             p = ps.pop()
-            if o0.dim() == 0 or p < 0 or o0.shape[p] != B:
+            size = _val(ins[0]).shape[bd[ins[0]]]
+            if o0.dim() == 0 or p < 0 or o0.shape[p] != size:
                 fail(n, "the batch dimension disappears")
             return p
 
@@ -287,9 +317,15 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             p = bd[ins[0]]
             iv = _val(ins[0])
             if name in ("view", "_unsafe_view", "reshape"):
-                bd[n] = _view_batch(iv.shape, o0.shape, p, B)
-                if bd[n] is None:
-                    fail(n, "a view merges the batch dimension with another in a way rows cannot survive")
+                where = _view_batch(iv.shape, o0.shape, p, inner.get(ins[0], 1), B)
+                if where is None:
+                    fail(n, "a view splits the batch dimension")
+                bd[n], i_out = where
+                if i_out != 1:
+                    inner[n] = i_out
+                if i_out != 1 or o0.shape[bd[n]] != B:
+                    folded_nodes.add(n)
+                continue
             elif name == "unsqueeze":
                 d = args[1] % o0.dim()
                 bd[n] = p + 1 if d <= p else p
@@ -405,6 +441,10 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 bd[n] = bd[ins[0]]
             else:
                 fail(n, "torchderiv does not know how this op treats the batch dimension")
+        if folded and bd.get(n) is not None:
+            folded_nodes.add(n)
+            if i_in != 1:
+                inner[n] = i_in
 
     out = next(n for n in nodes if n.op == "output").args[0]
     if isinstance(out, fx.Node) and bd.get(out) not in (None, 0):
@@ -453,19 +493,17 @@ def _index_put_batch(n, bd, B, fail):
     return ps.pop()
 
 
-def _view_batch(ishape, oshape, p, B):
-    """Where the batch dim lands after a view. The batch index is always the slowest-varying factor of
-    its dim; it survives a view when some output dim has the same prefix and a size divisible by B."""
-    pre = 1
-    for s in ishape[:p]:
-        pre *= s
-    acc = 1
-    for j, s in enumerate(oshape):
-        if acc == pre and s % B == 0:
-            return j
-        acc *= s
-        if acc > pre:
-            return None
+def _view_batch(ishape, oshape, p, inner_in, B):
+    """Where the batch lands after a view (row-major order is kept): ``(dim, inner)`` or ``None`` when
+    the ``B`` consecutive blocks of the batch would straddle two output dims."""
+    stride = inner_in  # distance between rows b and b + 1 in the flattened tensor
+    for s in ishape[p + 1 :]:
+        stride *= s
+    tail = 1
+    for j in range(len(oshape) - 1, -1, -1):
+        if stride % tail == 0 and (tail * oshape[j]) % (stride * B) == 0:
+            return j, stride // tail
+        tail *= oshape[j]
     return None
 
 
