@@ -553,3 +553,27 @@ def test_float32_inputs_keep_float32():
     H = td.hessian(net, x)
     assert H.dtype == torch.float32
     torch.testing.assert_close(H.double(), ref_hessian(net.double(), x.double()), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mix", [
+    lambda x: x.transpose(0, 1).reshape(6, 4).cumsum(0).reshape(2, 3, 4).transpose(0, 1),  # along folded rows
+    lambda x: x.transpose(0, 1).reshape(6, 4).softmax(0).reshape(2, 3, 4).transpose(0, 1),
+    lambda x: x.transpose(0, 1).reshape(6, 4).reshape(3, 2, 4),  # re-split the folded dim the wrong way
+    lambda x: x.reshape(3, 8).T.reshape(4, 6).sum(1, keepdim=True).expand(4, 6).reshape(8, 3).T.reshape(3, 2, 4),
+])
+def test_row_mixing_through_folded_batch_is_caught(mix):
+    """Views may fold the batch with other dims (as nn.MultiheadAttention does); ops along the folded dim
+    still mix rows and must raise."""
+    x = torch.randn(3, 2, 4, dtype=DT)
+    with pytest.raises(BatchMixingError):
+        td.jacobian(mix, x)
+
+
+def test_folded_batch_rows_stay_independent():
+    """[B, T, E] -> [T * B, E] (batch as the fast factor) -> per-row linear map -> back: rows independent."""
+    W = torch.randn(4, 4, dtype=DT)
+    f = lambda x: torch.tanh(x.transpose(0, 1).reshape(6, 4) @ W).reshape(2, 3, 4).transpose(0, 1)  # noqa: E731
+    x = torch.randn(3, 2, 4, dtype=DT)
+    J = td.jacobian(f, x)
+    for b in range(3):
+        assert_close(J[b], torch.autograd.functional.jacobian(lambda xi: torch.tanh(xi @ W), x[b]))
