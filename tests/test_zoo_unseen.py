@@ -529,12 +529,12 @@ CASES: list[Case] = [
 ]
 SMOOTH = [c for c in CASES if c.smooth]
 
-def _params(cases):
-    return [pytest.param(c, id=c.name) for c in cases]
+def _cases(cases):
+    return pytest.mark.parametrize("case", cases, ids=lambda c: c.name)
 
 
-all_cases = pytest.mark.parametrize("case", _params(CASES))
-smooth_cases = pytest.mark.parametrize("case", _params(SMOOTH))
+all_cases = _cases(CASES)
+smooth_cases = _cases(SMOOTH)
 methods = pytest.mark.parametrize("method", ["forward", "reverse"])
 
 
@@ -632,7 +632,7 @@ def _square(case: Case) -> bool:
         return tuple(model(x).shape[1:]) == tuple(x.shape[1:])
 
 
-@pytest.mark.parametrize("case", _params([c for c in CASES if _square(c)]))
+@_cases([c for c in CASES if _square(c)])
 @methods
 def test_divergence_square_maps(case, method):
     model, _, x = case.build()

@@ -63,9 +63,7 @@ def _writes_into_view(n: fx.Node) -> bool:
         dst = dst.args[0]
     if not isinstance(dst, fx.Node) or dst.op != "call_function":
         return False
-    name = getattr(dst.target, "_schema", None)
-    base = name.name.split("::")[-1] if name is not None else ""
-    return base in _VIEW_OPS
+    return getattr(dst.target, "__name__", "").split(".")[0] in _VIEW_OPS
 
 
 def _trace(f, fake_x: torch.Tensor) -> fx.GraphModule:

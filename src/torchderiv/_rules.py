@@ -345,16 +345,9 @@ def _diagonal(ctx, x, offset=0, dim1=0, dim2=1):
 
 @rule(aten.hypot.default)
 def _hypot(ctx, a, b):
-    """``sqrt(a^2 + b^2)`` through the product, add and sqrt rules (not differentiable where a = b = 0)."""
-    y = torch.hypot(a.p if isinstance(a, Jet) else a, b.p if isinstance(b, Jet) else b)
-    sq = add(ctx, _mul_jets(ctx, a, a), _mul_jets(ctx, b, b), y * y)
-    return RULES[aten.sqrt.default](ctx, as_jet(ctx, sq)) if isinstance(sq, Jet) else y
-
-
-def _mul_jets(ctx, u, v):
-    pu = u.p if isinstance(u, Jet) else u
-    pv = v.p if isinstance(v, Jet) else v
-    return product(ctx, u, v, torch.mul, y=pu * pv)
+    """``sqrt(a^2 + b^2)`` through the mul, add and sqrt rules (not differentiable where a = b = 0)."""
+    sq = [_mul(ctx, u, u) if isinstance(u, Jet) else u * u for u in (a, b)]
+    return RULES[aten.sqrt.default](ctx, _add(ctx, *sq))
 
 
 def _view_coef(X: Tensor, pin: Tensor, shape) -> Tensor:
