@@ -132,6 +132,8 @@ general = [
     ("pow_square", torch.square, aten.pow.Tensor_Scalar),
     ("pow_scalar_base", lambda t: 2.0**t, aten.pow.Scalar),
     ("pow_scalar_base_frac", lambda t: 0.5**t, aten.pow.Scalar),
+    ("erfcx", torch.special.erfcx, aten.special_erfcx.default),
+    ("log_ndtr", torch.special.log_ndtr, aten.special_log_ndtr.default),
 ]
 for name, g, op in general:
     case(name, _then(h, g), op)
@@ -159,9 +161,13 @@ small = [
     ("asin", torch.asin, aten.asin.default),
     ("acos", torch.acos, aten.acos.default),
     ("atanh", torch.atanh, aten.atanh.default),
+    ("erfinv", torch.erfinv, aten.erfinv.default),
 ]
 for name, g, op in small:
     case(name, _then(hsmall, g), op)
+
+# log_ndtr far in its lower tail (Phi(h) down to 1e-20: the derivatives use the ratio phi / Phi, never Phi alone)
+case("log_ndtr_tail", _then(h, lambda t: torch.special.log_ndtr(2 * t - 7)), aten.special_log_ndtr.default)
 
 # softplus beyond its threshold: beta * h > threshold on part of the entries -> exactly linear there
 case("softplus_beyond_threshold", lambda x: F.softplus(3 * h(x), beta=2.0, threshold=1.0), aten.softplus.default,
@@ -213,6 +219,43 @@ case("minimum", lambda x: torch.minimum(torch.sin(h(x)), torch.cos(h2(x))) * h(x
 case("maximum_constant", lambda x: torch.maximum(torch.sin(h(x)), torch.zeros(6, dtype=DT)) * torch.exp(h2(x)),
      [aten.maximum.default])
 
+
+
+# clamp with tensor bounds (aten.clamp.Tensor / clamp_min.Tensor / clamp_max.Tensor): the coefficients are taken
+# from whichever of x, lo, hi is selected, all three input-dependent here
+def _lo(x):
+    return 0.5 * torch.cos(h2(x)) - 0.4
+
+
+def _hi(x):
+    return 0.3 + 0.4 * torch.sin(h2(x) * h(x))
+
+
+CLAMP_LO = torch.linspace(-0.5, 0.2, 6, dtype=DT)
+case("clamp_tensor", lambda x: torch.clamp(torch.sin(h(x)), _lo(x), _hi(x)) * torch.exp(h2(x)), [aten.clamp.Tensor])
+case("clamp_tensor_min", lambda x: torch.clamp(torch.sin(h(x)), min=_lo(x)) * h(x), [aten.clamp.Tensor])
+case("clamp_tensor_max", lambda x: torch.clamp(torch.sin(h(x)), max=_hi(x)) * h(x), [aten.clamp.Tensor])
+case("clamp_tensor_constant_bounds", lambda x: torch.clamp(torch.sin(h(x)), CLAMP_LO, CLAMP_LO + 0.6) * h2(x),
+     [aten.clamp.Tensor])
+case("clamp_min_tensor", lambda x: aten.clamp_min.Tensor(torch.sin(h(x)), CLAMP_LO) * torch.exp(h2(x)),
+     [aten.clamp_min.Tensor])
+case("clamp_max_tensor", lambda x: aten.clamp_max.Tensor(torch.sin(h(x)), CLAMP_LO + 0.3) * torch.exp(h2(x)),
+     [aten.clamp_max.Tensor])
+# input-dependent bounds through the (rarer) clamp_min / clamp_max overloads: on one point, as the batch check
+# does not follow these two-input ops
+case("clamp_min_tensor_input_bound", lambda x: aten.clamp_min.Tensor(torch.sin(x @ W), _lo(x)) * (x @ W),
+     [aten.clamp_min.Tensor], batched=False)
+case("clamp_max_tensor_input_bound", lambda x: aten.clamp_max.Tensor(torch.sin(x @ W), _hi(x)) * (x @ W),
+     [aten.clamp_max.Tensor], batched=False)
+# cosine_similarity traces to 2-norms, clamp_min.Tensor against a constant eps, div, mul, sum
+case("cosine_similarity", lambda x: F.cosine_similarity(torch.sin(h(x)), torch.cos(h2(x)) * h(x), dim=-1),
+     [aten.clamp_min.Tensor, aten.linalg_vector_norm.default])
+# atan2 over all four quadrants (both branches: |a| <= |b| and |a| > |b|), and with a constant operand
+case("atan2", lambda x: torch.atan2(torch.sin(h(x)), torch.cos(h2(x))), [aten.atan2.default], lo=-2.0, hi=2.0)
+case("atan2_linear_operands", lambda x: torch.atan2(h(x), h2(x)), [aten.atan2.default])
+case("atan2_constant_denominator", lambda x: torch.atan2(torch.sin(h(x)), CLAMP_LO), [aten.atan2.default])
+case("atan2_constant_numerator", lambda x: torch.atan2(CLAMP_LO, torch.sin(h(x))), [aten.atan2.default])
+
 # ============================================================================ linear algebra
 
 A2 = rnd(6, 6)
@@ -239,6 +282,14 @@ case("matmul_3d", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)) @ torch.cos(h2
 case("baddbmm", lambda x: torch.baddbmm(torch.sin(h(x)).unflatten(-1, (2, 3))[:, :, :2], torch.sin(h(x)).unflatten(
     -1, (2, 3)), torch.cos(h2(x)).unflatten(-1, (3, 2)), beta=0.7, alpha=1.3), [aten.baddbmm.default])
 case("unsafe_view_matmul", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)) @ M[:3], [aten._unsafe_view.default])
+W9 = rnd(3, 9)
+EYE3 = torch.eye(3, dtype=DT)
+case("linalg_inv", lambda x: torch.linalg.inv(torch.sin(x @ W9).unflatten(-1, (3, 3)) + 2 * EYE3).flatten(1),
+     [aten.linalg_inv_ex.default])
+case("linalg_inv_pre", lambda x: torch.sin(torch.linalg.inv((x @ W9).unflatten(-1, (3, 3)) + 2.5 * EYE3)).flatten(1),
+     [aten.linalg_inv_ex.default])
+case("linalg_inv_unbatched", lambda x: torch.linalg.inv(torch.tanh(x[:, None] * x[None] * 3.0) + EYE3) @ x,
+     [aten.linalg_inv_ex.default], batched=False)
 case("t_unbatched", lambda x: torch.sin((x @ W).unflatten(0, (2, 3)).t()) @ M[:2], [aten.t.default],
      batched=False)
 
@@ -324,6 +375,35 @@ case("var", lambda x: torch.sin(h(x)).var(-1), [aten.var.correction])
 case("var_no_correction", lambda x: torch.sin(h(x)).var(-1, correction=0, keepdim=True), [aten.var.correction])
 case("var_pre", lambda x: h(x).var(-1), [aten.var.correction])
 case("std", lambda x: torch.sin(h(x)).std(-1), [aten.var.correction, aten.sqrt.default])
+case("var_mean", lambda x: torch.var_mean(torch.sin(h(x)) * h2(x), -1)[0] * torch.var_mean(torch.sin(h(x)), -1)[1],
+     [aten.var_mean.correction])
+case("std_mean_keepdim", lambda x: torch.stack(torch.std_mean(torch.sin(h(x)).unflatten(-1, (2, 3)), -1,
+                                                               keepdim=True, correction=0), -1),
+     [aten.var_mean.correction, aten.sqrt.default])
+case("var_mean_unbatched", lambda x: torch.stack(torch.var_mean(torch.sin(x @ W))), [aten.var_mean.correction],
+     batched=False)
+case("prod", lambda x: torch.sin(h(x)).prod(-1), [aten.prod.dim_int])  # 6 -> 3 -> (1 pair + 1 left over)
+case("prod_keepdim_pre", lambda x: torch.sin(h(x).unflatten(-1, (2, 3)).prod(-1, keepdim=True)), [aten.prod.dim_int])
+case("prod_odd_inner_dim", lambda x: torch.exp(torch.sin(h(x)).unflatten(-1, (3, 2)).prod(1)), [aten.prod.dim_int])
+case("prod_all_unbatched", lambda x: (1.5 * torch.sin(x @ W)).prod(), [aten.prod.default], batched=False)
+case("cumprod", lambda x: torch.sin(h(x)).cumprod(-1), [aten.cumprod.default])
+case("cumprod_pre", lambda x: torch.sin(h(x).unflatten(-1, (2, 3)).cumprod(1)), [aten.cumprod.default])
+
+
+def _logcumsumexp_twin(t, dim):
+    """logcumsumexp as a logsumexp per prefix (torch's own third derivative of logcumsumexp is nan in 2.13)."""
+    t = t.movedim(dim, -1)
+    return torch.stack([torch.logsumexp(t[..., : i + 1], -1) for i in range(t.shape[-1])], -1).movedim(-1, dim)
+
+
+SPREAD = torch.linspace(-900, 0, 6, dtype=DT)
+case("logcumsumexp", lambda x: torch.logcumsumexp(torch.sin(h(x)) * 2, -1), [aten.logcumsumexp.default],
+     ref=lambda x: _logcumsumexp_twin(torch.sin(h(x)) * 2, -1))
+case("logcumsumexp_pre", lambda x: torch.sin(torch.logcumsumexp(h(x).unflatten(-1, (2, 3)), 1)),
+     [aten.logcumsumexp.default], ref=lambda x: torch.sin(_logcumsumexp_twin(h(x).unflatten(-1, (2, 3)), 1)))
+# entries 180 apart: exp(x_0 - x_5) underflows, so a shift by the largest entry would lose the first prefixes
+case("logcumsumexp_spread", lambda x: torch.logcumsumexp(h(x) * 2 + SPREAD, -1), [aten.logcumsumexp.default],
+     ref=lambda x: _logcumsumexp_twin(h(x) * 2 + SPREAD, -1))
 case("logsumexp", lambda x: torch.logsumexp(torch.sin(h(x)) * 2, -1), [aten.logsumexp.default])
 case("logsumexp_keepdim_pre", lambda x: torch.logsumexp(h(x).unflatten(-1, (2, 3)), (1, 2), keepdim=True),
      [aten.logsumexp.default])
@@ -336,6 +416,19 @@ case("amin", lambda x: torch.sin(h(x)).unflatten(-1, (2, 3)).amin(-1) * torch.ex
      [aten.amin.default])
 case("vector_norm", lambda x: torch.linalg.vector_norm(torch.sin(h(x)), dim=-1), [aten.linalg_vector_norm.default])
 case("vector_norm_pre", lambda x: torch.sin(h(x).norm(dim=-1, keepdim=True)), [aten.linalg_vector_norm.default])
+
+def _p_norm(p):
+    return lambda x: torch.linalg.vector_norm(torch.sin(h(x)), ord=p, dim=-1) * h2(x)[:, 0]
+
+
+for name, p in [("3", 3), ("1", 1), ("2_5", 2.5), ("neg1", -1), ("inf", math.inf), ("neginf", -math.inf)]:
+    case("vector_norm_ord_" + name, _p_norm(p), [aten.linalg_vector_norm.default])
+case("vector_norm_ord_3_pre", lambda x: torch.sin(h(x).unflatten(-1, (2, 3)).norm(p=3, dim=-1, keepdim=True)),
+     [aten.linalg_vector_norm.default])
+case("vector_norm_ord_0", lambda x: torch.linalg.vector_norm(h(x), ord=0, dim=-1) * torch.sin(h2(x)[:, 0]),
+     [aten.linalg_vector_norm.default])
+case("vector_norm_ord_4_all_unbatched", lambda x: torch.linalg.vector_norm(torch.sin(x @ W), ord=4),
+     [aten.linalg_vector_norm.default], batched=False)
 
 ln = nn.LayerNorm(6).to(DT)
 with torch.no_grad():
@@ -563,6 +656,46 @@ def test_softplus_threshold_region_is_linear():
     assert_close(d[(0, 0)][1], (2.0 * torch.sigmoid(2.0 * x[1]) * (1 - torch.sigmoid(2.0 * x[1]))))
 
 
+def _with_zeros(x, zeros):
+    """[B, 6] whose first ``zeros`` entries are exactly 0 (``x - x.detach()``) with nonzero derivatives."""
+    return torch.cat([((x - x.detach()) @ W)[:, :zeros], torch.sin(h(x))[:, zeros:]], -1)
+
+
+def _chain_cumprod(t):
+    """Running products along the last dim as a chain of multiplications: the reference, with no prod and no
+    division."""
+    outs = [t[..., 0]]
+    for i in range(1, t.shape[-1]):
+        outs.append(outs[-1] * t[..., i])
+    return torch.stack(outs, -1)
+
+
+def _partials_without_fallback(f, ref, x):
+    """All partials of orders 0..4 of ``f`` (no generic-fallback warning allowed) and of ``ref`` by nested
+    reverse mode."""
+    spec = spec_for(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = td.partials(f, x, spec)
+    return got, ref_partials(ref, x, spec)
+
+
+@pytest.mark.parametrize("zeros", [1, 2, 3])
+@pytest.mark.parametrize("op", ["prod", "cumprod"])
+def test_products_at_zero_entries(op, zeros):
+    """prod / cumprod where entries are exactly 0: the rules multiply jets (no log, no division), so every
+    order is finite and right, including the derivatives that only the zero entries' own terms reach."""
+    if op == "prod":
+        f, ref = (lambda x: _with_zeros(x, zeros).prod(-1)), (lambda x: _chain_cumprod(_with_zeros(x, zeros))[:, -1])
+    else:
+        f, ref = (lambda x: _with_zeros(x, zeros).cumprod(-1)), (lambda x: _chain_cumprod(_with_zeros(x, zeros)))
+    got, expected = _partials_without_fallback(f, ref, rnd(B, 3))
+    assert (got[()] == 0).all()
+    assert any(v.abs().max() > 1e-3 for key, v in expected.items() if len(key) == zeros)  # a nontrivial check
+    for key in got:
+        assert_close(got[key], expected[key], msg=f"{op} with {zeros} zeros, partial {key}")
+
+
 @pytest.mark.parametrize("name,fn,lo,hi", [
     ("mish", F.mish, -1.0, 1.0),
     ("celu", lambda t: F.celu(t, alpha=0.8), -1.0, 1.0),
@@ -577,12 +710,8 @@ def test_decomposed_ops_all_orders(name, fn, lo, hi):
     g = torch.Generator().manual_seed(5)
     x = lo + (hi - lo) * torch.rand(B, 3, dtype=DT, generator=g)
     f = lambda x: fn(x @ WP if lo > 0 else h(x))  # noqa: E731
-    spec = spec_for(3, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        got = td.partials(f, x, spec)
-    expected = ref_partials(f, x, spec)
-    for key in spec:
+    got, expected = _partials_without_fallback(f, f, x)
+    for key in got:
         assert_close(got[key], expected[key], msg=f"{name} partial {key}")
 
 

@@ -518,7 +518,7 @@ CASES: list[Case] = [
     Case("multi_output_2x3", MultiOut23, (3,)),
     Case("matrix_input_2x2", MatrixInput, (2, 2), pair=(0, 3)),
     Case("normalize", Normalize, (3,)),
-    Case("pnorm_3_and_2", PNorm, (3,), smooth=False),  # ord=3: documented order-1 fallback, see below
+    Case("pnorm_3_and_2", PNorm, (3,)),
     Case("std_var_logsumexp_cumsum", StatsNet, (3,)),
     Case("max_clamp_relu", MaxClamp, (3,), smooth=False),
     Case("sdpa_causal", SDPACausal, (3, 2), bih_dims=[2, 3], pair=(2, 3)),
@@ -720,11 +720,15 @@ def test_twins_match_their_modules():
             close(ref_value(ref, x), ref_value(model, x), f"{case.name} twin value")
 
 
-def test_pnorm_order3_higher_orders_raise():
-    """linalg.vector_norm with ord=3 has no rule beyond order 1 (documented generic fallback): higher orders must
-    raise, naming the op, never return a silently wrong number."""
-    model, _, x = next(c for c in CASES if c.name == "pnorm_3_and_2").build()
-    with pytest.raises(NotImplementedError, match="linalg_vector_norm"):
+def test_op_without_rule_raises_above_order_one():
+    """An op with no Taylor rule (here torch.special.i0) is differentiated by the generic fallback at order 1;
+    higher orders must raise, naming the op, never return a silently wrong number."""
+    model = lambda x: torch.special.i0(x).sum(-1, keepdim=True)  # noqa: E731
+    x = torch.randn(4, 3, dtype=torch.float64)
+    J = td.jacobian(model, x)
+    ref = torch.func.vmap(torch.func.jacrev(lambda v: torch.special.i0(v).sum(-1, keepdim=True)))(x)
+    torch.testing.assert_close(J, ref)
+    with pytest.raises(NotImplementedError, match="i0"):
         td.hessian(model, x, method="forward")
-    with pytest.raises(NotImplementedError, match="linalg_vector_norm"):
+    with pytest.raises(NotImplementedError, match="i0"):
         td.partials(model, x, [(0, 0, 1)])

@@ -33,11 +33,31 @@ class Captured:
     out_val: object = None  # fake value of the output (shape and dtype of f(x))
 
 
+def _cdist(x1, x2, p, compute_mode=None):
+    """``_cdist_forward`` from elementwise ops: torch's kernel has no forward-mode derivative, and its backward
+    is wrong under ``vmap`` (so ``jacrev`` through it is too). A zero distance gets derivative 0, as in torch."""
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)  # [*, P, R, M]: batch dims broadcast as in cdist
+    if p == 0:
+        return (diff != 0).to(diff.dtype).sum(-1)
+    if p == float("inf"):
+        return diff.abs().amax(-1)
+    if p == 1:
+        return diff.abs().sum(-1)
+    s = (diff * diff).sum(-1) if p == 2 else diff.abs().pow(p).sum(-1)
+    pos = s > 0
+    s = torch.where(pos, s, torch.ones_like(s))
+    return torch.where(pos, s.sqrt() if p == 2 else s.pow(1.0 / p), torch.zeros_like(s))
+
+
+# decompositions of our own, for ops without a rule that torch's table leaves alone
+_EXTRA_DECOMPOSITIONS = {aten._cdist_forward.default: _cdist}
+
+
 def _decompositions_for(gm: fx.GraphModule) -> dict:
     """Core-ATen decompositions (into ops that stay ATen, never prims) of the ops that have no rule."""
     from torch._decomp import core_aten_decompositions
 
-    decomposition_table = core_aten_decompositions()
+    decomposition_table = {**core_aten_decompositions(), **_EXTRA_DECOMPOSITIONS}
     table = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
@@ -135,6 +155,7 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
 # ----------------------------------------------------------------------------- batch independence
 
 _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "minimum", "rsub", "clamp",
+                     "clamp_min", "clamp_max",
                      "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_not",
                      "masked_fill", "fill", "copy", "lerp", "addcmul", "addcdiv", "atan2", "fmod", "hypot", "copysign",
                      "xlogy", "logaddexp", "fmax", "fmin",
@@ -148,8 +169,39 @@ _FOLD_AWARE = {
     "alias", "contiguous", "_to_copy", "detach", "lift_fresh_copy", "mm", "addmm", "bmm", "baddbmm",
     "sum", "mean", "amax", "amin", "var", "std", "logsumexp", "_softmax", "_log_softmax", "any", "all",
     "slice", "select", "narrow", "index_select", "split", "split_with_sizes", "unbind", "chunk", "cat", "stack",
-    "native_layer_norm", "diagonal", "constant_pad_nd",
+    "native_layer_norm", "diagonal", "constant_pad_nd", "native_batch_norm", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
 }
+
+_BATCH_NORMS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                "_native_batch_norm_legit_functional", "batch_norm")
+
+# ops acting along one dim given by their ``dim`` argument, independently for every index of the other dims;
+# their outputs keep the input's rank, or drop that dim (keepdim=False)
+_ALONG_DIM = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", "cumprod", "cummax", "cummin",
+              "logcumsumexp"}
+
+# linear algebra on the last two dims of one input; every output keeps the input's leading (batch) dims
+_MATRIX_UNARY = {"_linalg_det", "linalg_det", "det", "_linalg_slogdet", "linalg_slogdet", "slogdet", "logdet",
+                 "linalg_inv_ex", "linalg_inv", "inverse", "linalg_matrix_exp", "matrix_exp", "linalg_cholesky_ex",
+                 "linalg_cholesky", "cholesky", "cholesky_inverse", "_linalg_eigh", "linalg_eigh", "_linalg_svd",
+                 "linalg_qr", "linalg_lu_factor_ex", "linalg_lu", "linalg_eig"}
+
+# ops on the matrices (trailing dims) of two inputs whose leading dims broadcast as batch dims
+_MATRIX_BINARY = {"_linalg_solve_ex", "linalg_solve_triangular", "cholesky_solve", "_cdist_forward",
+                  "_euclidean_dist"}
+
+# per-(sample, channel) ops on the trailing spatial dims of [N, C, *spatial]; value: number of spatial dims
+_SPATIAL = {"upsample_nearest1d": 1, "upsample_linear1d": 1, "_upsample_nearest_exact1d": 1,
+            "upsample_nearest2d": 2, "upsample_bilinear2d": 2, "upsample_bicubic2d": 2,
+            "_upsample_nearest_exact2d": 2, "_upsample_bilinear2d_aa": 2, "_upsample_bicubic2d_aa": 2,
+            "upsample_nearest3d": 3, "upsample_trilinear3d": 3, "_upsample_nearest_exact3d": 3}
+
+# same-shape ops that move values between rows without a dim argument saying where
+_MIXING_UNARY = {"masked_scatter", "channel_shuffle", "native_channel_shuffle", "put", "index_reduce"}
+
+# argument names of ops that act along a dim: an op taking one is never a plain unary map
+_DIM_ARGS = {"dim", "dims", "dimension", "dim0", "dim1", "dim2", "axis"}
 
 
 class BatchMixingError(ValueError):
@@ -177,6 +229,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
     # dims (attention heads as the fast factor, tokens as the slow one); absent means inner = 1
     inner: dict = {}
     folded_nodes: set = set()  # values whose batch dim holds more than the batch (inner or outer factors)
+    bd_outs: dict = {}  # multi-output ops whose outputs carry the batch in different dims: one entry per output
 
     def fail(node, why):
         raise BatchMixingError(
@@ -197,6 +250,13 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
         if n.target is operator.getitem:
             src = n.args[0]
             v = _val(n)
+            if src in bd_outs:
+                bd[n] = bd_outs[src][n.args[1]]
+                if src in folded_nodes and bd[n] is not None:
+                    if inner.get(src, 1) != 1:
+                        inner[n] = inner[src]
+                    folded_nodes.add(n)
+                continue
             bd[n] = bd.get(src) if isinstance(v, torch.Tensor) and v.dim() > 0 else None
             if src in folded_nodes and bd[n] is not None:
                 if inner.get(src, 1) != 1:
@@ -225,6 +285,11 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             (i_in, _), = layouts
         else:
             i_in = 1
+
+        def first_only():
+            # the batch is in the first argument and in no other (the weights, statistics, a second operand)
+            return bd.get(n.args[0]) is not None and not any(
+                bd.get(a) is not None for a in _nodes_in((n.args[1:], n.kwargs)))
 
         def same_rank_pos(default_fail=True):
             # batch dim keeps its place counted from the right (broadcasting semantics)
@@ -283,20 +348,78 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 bias = _val(args[0])
                 if o0.dim() - (bias.dim() - bd[args[0]]) != bd[n]:
                     fail(n, "the added term carries the batch in another dimension")
-        elif name in ("convolution", "_native_batch_norm_legit_no_training",
-                      "native_group_norm", "avg_pool2d", "max_pool2d_with_indices", "avg_pool1d",
-                      "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "upsample_nearest2d",
-                      "upsample_bilinear2d", "avg_pool3d", "_adaptive_avg_pool3d"):
-            for a in ins:
-                if bd[a] != 0:
-                    fail(n, "the batch dimension is not the leading one")
+        elif name in ("convolution", "native_group_norm", "avg_pool2d", "max_pool2d_with_indices", "avg_pool1d",
+                      "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "avg_pool3d", "_adaptive_avg_pool3d"):
+            if not first_only():
+                fail(n, "the weights depend on the input")
+            if bd[args[0]] != 0:
+                fail(n, "the batch dimension is not the leading one")
             bd[n] = 0
-        elif name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
-                      "batch_norm"):
-            training = args[5] if name == "native_batch_norm" else True
-            if training:
+        elif name in _SPATIAL:  # [N, C, *spatial]: each (sample, channel) slice on its own
+            p = bd[args[0]]
+            if not first_only() or p >= _val(args[0]).dim() - _SPATIAL[name]:
+                fail(n, "the batch dimension is a spatial one")
+            bd[n] = p
+        elif name in _BATCH_NORMS:
+            # [N, C, *]: training mode normalizes each channel over N and the rest, eval mode is elementwise
+            p = bd[args[0]]
+            if not first_only():
+                fail(n, "normalization parameters depend on the input")
+            training = name != "_native_batch_norm_legit_no_training" and _arg(n, "training", True)
+            if training and p != 1:
                 fail(n, "batch normalization in training mode uses batch statistics")
-            bd[n] = 0
+            bd[n] = p
+            if len(outs) > 1:  # then saved (training) and updated running statistics, one entry per channel
+                bd_outs[n] = [p] + [0 if training else None] * (len(outs) - 1)
+        elif name in _ALONG_DIM:
+            p = bd[args[0]]
+            iv = _val(args[0])
+            d = _arg(n, "dim", -1) % iv.dim() if _has_arg(n, "dim") else p  # no dim (median): over all dims
+            if not first_only() or d == p:
+                fail(n, f"{name} along the batch dimension")
+            bd[n] = p if o0.dim() == iv.dim() else p - (d < p)
+        elif name == "unfold":  # unfold(x, dim, size, step): windows along dim, as a new last dim
+            p = bd[args[0]]
+            if args[1] % max(_val(args[0]).dim(), 1) == p:
+                fail(n, "sliding windows along the batch dimension")
+            bd[n] = p
+        elif name in ("scatter", "scatter_add", "scatter_reduce"):
+            # out[..., index[i], ...] = src[i] along dim, with every other index of i kept: self, index and src
+            # have the rank of out, and a row of out only receives the same row of index and src
+            d = args[1] % o0.dim()
+            ps = {bd[a] for a in ins}
+            if len(ps) != 1 or d in ps or any(_val(a).dim() != o0.dim() for a in ins):
+                fail(n, "scattering along the batch dimension")
+            bd[n] = ps.pop()
+            if o0.shape[bd[n]] != B:
+                fail(n, "the batch dimension disappears")
+        elif name == "_trilinear":  # nn.Bilinear: inputs unsqueezed at expand_k, multiplied, summed over sumdim
+            total = _val(args[0]).dim() + len(args[3])
+            qs = set()
+            for t, expand in zip(args[:3], args[3:6]):
+                if bd.get(t) is not None:
+                    new = {e % total for e in expand}
+                    qs.add([i for i in range(total) if i not in new][bd[t]])
+            sums = [d % total for d in args[6]]
+            if len(qs) != 1 or qs & set(sums):
+                fail(n, "a multilinear form sums over the batch dimension")
+            q = qs.pop()
+            bd[n] = q - sum(1 for d in sums if d < q)
+            if o0.shape[bd[n]] != B:
+                fail(n, "the batch dimension disappears")
+        elif name in _MATRIX_UNARY:
+            p = bd[args[0]]
+            if not first_only() or p >= _val(args[0]).dim() - 2:
+                fail(n, "the batch dimension is a matrix dimension here")
+            for o in outs:
+                if isinstance(o, torch.Tensor) and o.numel() and (o.dim() <= p or o.shape[p] != B):
+                    fail(n, "the batch dimension disappears")
+            bd[n] = p
+        elif name in _MATRIX_BINARY:
+            bd_outs[n] = _matrix_binary_batch(n, bd, outs, B, fail)
+            bd[n] = next((q for q in bd_outs[n] if q is not None), None)
+            if not isinstance(out, (tuple, list)):
+                bd[n] = bd_outs.pop(n)[0]
         elif name in ("t", "transpose", "permute"):
             p = bd[ins[0]]
             nd = _val(ins[0]).dim()
@@ -412,11 +535,14 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 if not pass_ok or o0.shape[p] != B:
                     fail(n, "indexing along the batch dimension")
                 bd[n] = p
-            else:
-                d = args[1] % _val(ins[0]).dim()
-                if d == p:
+            else:  # gather(x, dim, index): out[i] = x[i with i_dim replaced by index[i]], shaped like index
+                d = args[1] % o0.dim()
+                ps = {bd[a] for a in ins}
+                if len(ps) != 1 or d in ps:
                     fail(n, "gathering along the batch dimension")
-                bd[n] = p
+                bd[n] = ps.pop()
+                if o0.shape[bd[n]] != B:
+                    fail(n, "the batch dimension disappears")
         elif name == "diagonal":  # diagonal(x, offset, dim1, dim2): the diagonal becomes the last dim
             p = bd[ins[0]]
             nd = _val(ins[0]).dim()
@@ -434,8 +560,11 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
         elif name in RULES_ELEMENTWISE or name in _ELEMENTWISE_SAFE:
             bd[n] = same_rank_pos()
         else:
-            # unknown op: accept only when output keeps the input's shape and batch position (unary map)
-            if len(ins) == 1 and tuple(_val(ins[0]).shape) == tuple(o0.shape) and name.endswith("_backward") is False:
+            # unknown op: accept only when output keeps the input's shape and batch position (unary map), and
+            # the op neither acts along a dim it is given (cummax, fft) nor on matrices (linalg)
+            if (len(ins) == 1 and tuple(_val(ins[0]).shape) == tuple(o0.shape) and not name.endswith("_backward")
+                    and not _DIM_ARGS & _arg_names(n)
+                    and not name.lstrip("_").startswith("linalg_") and name not in _MIXING_UNARY):
                 bd[n] = bd[ins[0]]
             else:
                 fail(n, "torchderiv does not know how this op treats the batch dimension")
@@ -489,6 +618,61 @@ def _index_put_batch(n, bd, B, fail):
     if len(ps) != 1:
         fail(n, "inputs carry the batch in different dimensions")
     return ps.pop()
+
+
+def _nodes_in(args) -> list:
+    """The graph values inside nested (tuple, list, dict) arguments."""
+    found: list = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+def _arg(n, name, default=None):
+    """Argument ``name`` of the ATen call ``n``: given positionally or by keyword, else its schema default."""
+    if name in n.kwargs:
+        return n.kwargs[name]
+    for i, a in enumerate(n.target._schema.arguments):
+        if a.name == name:
+            if i < len(n.args) and not a.kwarg_only:
+                return n.args[i]
+            return a.default_value if a.has_default_value() else default
+    return default
+
+
+def _arg_names(n):
+    schema = getattr(n.target, "_schema", None)
+    return {a.name for a in schema.arguments} if schema is not None else set()
+
+
+def _has_arg(n, name):
+    return name in _arg_names(n)
+
+
+def _matrix_binary_batch(n, bd, outs, B, fail):
+    """Batch position of each output of an op on the trailing (matrix) dims of two inputs whose leading dims
+    broadcast as batch dims: solve, triangular solve, cdist. Counted from the matrix dims, the batch must sit
+    at the same distance in every input that carries it."""
+    name = n.target.__name__.split(".")[0]
+    a, b = n.args[0], n.args[1]
+    va, vb = _val(a), _val(b)
+    cores_in, cores_out = (2, 2), [2] * len(outs)
+    if name == "_linalg_solve_ex":  # (result, LU, pivots, info); B is a stack of vectors or of matrices
+        vector = vb.dim() == 1 or (vb.dim() == va.dim() - 1 and tuple(vb.shape) == tuple(va.shape[:-1]))
+        cores_in, cores_out = (2, 1 if vector else 2), [1 if vector else 2, 2, 1, 0]
+    rs = {_val(t).dim() - k - bd[t] for t, k in zip((a, b), cores_in) if bd.get(t) is not None}
+    if len(rs) != 1 or min(rs) < 1:
+        fail(n, "the batch dimension is a matrix dimension here")
+    r = rs.pop()
+    result = []
+    for o, k in zip(outs, cores_out):
+        q = o.dim() - k - r if isinstance(o, torch.Tensor) else -1
+        if q < 0:  # no batch dims that far out: computed from an input without the batch (the LU of a constant A)
+            result.append(None)
+            continue
+        if o.shape[q] != B:
+            fail(n, "the batch dimension disappears")
+        result.append(q)
+    return result
 
 
 def _view_batch(ishape, oshape, p, inner_in, B):

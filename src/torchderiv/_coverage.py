@@ -5,12 +5,14 @@ from __future__ import annotations
 from ._rules import _UNARY, RULES
 
 _KINDS = {
-    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution"},
-    "arithmetic": {"add", "sub", "rsub", "mul", "div", "neg", "pow", "where", "maximum", "minimum"},
+    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution", "linalg_inv_ex"},
+    "arithmetic": {"add", "sub", "rsub", "mul", "div", "neg", "pow", "where", "maximum", "minimum", "atan2",
+                   "clamp", "clamp_min", "clamp_max"},
     "shape": {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze",
               "clone", "alias", "contiguous", "lift_fresh_copy", "_to_copy", "detach", "slice", "select",
               "index_select", "constant_pad_nd", "cat", "stack", "split", "split_with_sizes", "unbind"},
-    "reduction": {"sum", "mean", "var", "logsumexp"},
+    "reduction": {"sum", "mean", "var", "var_mean", "logsumexp", "prod", "cumprod", "logcumsumexp",
+                  "linalg_vector_norm"},
     "normalization / softmax": {"native_layer_norm", "_softmax", "_log_softmax", "native_batch_norm",
                                 "_native_batch_norm_legit_no_training"},
 }

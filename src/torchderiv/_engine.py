@@ -72,9 +72,15 @@ def _fallback(ctx: Ctx, op, args, kwargs):
         )
         _, dy = torch.func.jvp(call, jp, tangents)
         tangents_rows.append(dy)
+    def wrap(yi, rows_i):
+        # integer outputs (indices of sort / topk / max) carry no derivative: plain tensors, not jets
+        if not (isinstance(yi, torch.Tensor) and (yi.is_floating_point() or yi.is_complex())):
+            return yi
+        return Jet(yi, [torch.stack(rows_i)])
+
     if isinstance(y, torch.Tensor):
-        return Jet(y, [torch.stack(tangents_rows)])
-    return type(y)(Jet(yi, [torch.stack([t[i] for t in tangents_rows])]) for i, yi in enumerate(y))
+        return wrap(y, tangents_rows)
+    return type(y)(wrap(yi, [t[i] for t in tangents_rows]) for i, yi in enumerate(y))
 
 
 # ----------------------------------------------------------------------------- interpretation

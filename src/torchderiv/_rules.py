@@ -81,6 +81,9 @@ _UNARY: dict = {
     aten.erfc.default: lambda *a, **k: D.erfc_derivs,
     aten.lgamma.default: lambda *a, **k: D.lgamma_derivs,
     aten.digamma.default: lambda *a, **k: D.digamma_derivs,
+    aten.erfinv.default: lambda *a, **k: D.erfinv_derivs,
+    aten.special_erfcx.default: lambda *a, **k: D.erfcx_derivs,
+    aten.special_log_ndtr.default: lambda *a, **k: D.log_ndtr_derivs,
     aten.silu.default: lambda *a, **k: D.silu_derivs,
     aten.relu.default: lambda *a, **k: D.piecewise_linear(lambda x: (x > 0).to(x.dtype)),
     aten.abs.default: lambda *a, **k: D.piecewise_linear(torch.sign),
@@ -252,6 +255,48 @@ RULES[aten.maximum.default] = _select_rule(lambda a, b: a >= b)
 RULES[aten.minimum.default] = _select_rule(lambda a, b: a <= b)
 
 
+@rule(aten.clamp.Tensor)
+def _clamp_tensor(ctx, x, lo=None, hi=None):
+    """``min(max(x, lo), hi)`` with tensor bounds, any of which may depend on the input: each coefficient is
+    the selected operand's (ties go to ``x``, as PyTorch's gradient does)."""
+    y = aten.clamp.Tensor(P(x), P(lo), P(hi))
+    out = x
+    if lo is not None:
+        out = _where(ctx, P(out) >= P(lo), out, lo)
+    if hi is not None:
+        out = _where(ctx, P(out) <= P(hi), out, hi)
+    return Jet(y, out.c) if isinstance(out, Jet) else y
+
+
+@rule(aten.clamp_min.Tensor)
+def _clamp_min_tensor(ctx, x, lo):
+    return _clamp_tensor(ctx, x, lo, None)
+
+
+@rule(aten.clamp_max.Tensor)
+def _clamp_max_tensor(ctx, x, hi):
+    return _clamp_tensor(ctx, x, None, hi)
+
+
+@rule(aten.atan2.default)
+def _atan2(ctx, a, b):
+    """``atan2(a, b)`` differs by a locally constant angle from ``atan(a / b)`` (used where ``|b| >= |a|``)
+    and from ``-atan(b / a)`` (elsewhere), so its coefficients are those of the better-conditioned branch.
+    The other branch's denominator is replaced by 1: no division by zero, not even in unselected entries."""
+    pa, pb = P(a), P(b)
+    y = torch.atan2(pa, pb)
+    use_ab = pb.abs() >= pa.abs()
+    one = torch.ones((), dtype=y.dtype, device=y.device)
+    branches = []
+    for num, den, keep in ((a, b, use_ab), (b, a, ~use_ab)):
+        safe_den = _where(ctx, keep, den, one) if isinstance(den, Jet) else torch.where(keep, den, one)
+        q = as_jet(ctx, _div(ctx, num, safe_den))
+        branches.append(_unary_apply(ctx, q, torch.atan(q.p), D.atan_derivs))
+    t1, t2 = branches
+    out = _where(ctx, use_ab, t1, scale(ctx, t2, -1.0, -t2.p))
+    return Jet(y, out.c)
+
+
 # ============================================================================ linear algebra
 
 
@@ -276,6 +321,22 @@ def _addmm_like(op):
 
 RULES[aten.addmm.default] = _addmm_like(torch.addmm)
 RULES[aten.baddbmm.default] = _addmm_like(torch.baddbmm)
+
+
+@rule(aten.linalg_inv_ex.default)
+def _linalg_inv(ctx, A, check_errors=False):
+    """``Y = A^-1`` (batched over leading dims). With ``dA`` the jet of ``A`` less its primal, ``A Y = I`` is the
+    fixed point ``Y = Y0 + L Y``, ``L = -Y0 dA`` (``d(A^-1) = -A^-1 dA A^-1`` to first order). ``L`` has a zero
+    primal, so each pass ``Y <- Y0 + L Y`` makes one more order exact: ``K`` passes from the constant ``Y0``
+    give every coefficient (the Neumann series of ``(I - L)^-1 Y0``, truncated where it is exact)."""
+    Y0, info = aten.linalg_inv_ex.default(A.p, check_errors=check_errors)
+    nd = A.p.dim()
+    L = Jet(torch.zeros_like(A.p), [None if X is None else -torch.matmul(Y0, align(X, nd)) for X in A.c])
+    Y = Jet(Y0, [None] * ctx.K)
+    for _ in range(ctx.K):
+        LY = product(ctx, L, Y, torch.matmul, y=torch.zeros_like(Y0), elementwise=False)
+        Y = Jet(Y0, LY.c)  # Y0 + L Y: the product's primal is zero
+    return Y, info
 
 
 @rule(aten.convolution.default)
@@ -628,6 +689,12 @@ def _var(ctx, x, dims=None, correction=None, keepdim=False):
     return scale(ctx, s, 1.0 / max(count - corr, 0), s.p / max(count - corr, 0))
 
 
+@rule(aten.var_mean.correction)
+def _var_mean(ctx, x, dims=None, correction=None, keepdim=False):
+    """``(var, mean)``, as ``torch.var_mean`` and ``torch.std_mean`` (``sqrt`` of the first) trace to."""
+    return _var(ctx, x, dims, correction, keepdim), _mean(ctx, x, dims, keepdim)
+
+
 # ============================================================================ normalization & softmax
 
 
@@ -789,6 +856,85 @@ def _cumsum(ctx, x, dim, dtype=None):
     return Jet(y, [None if X is None else torch.cumsum(full(X, x.p.shape), d + 1) for X in x.c])
 
 
+def _as_dtype(ctx, x: Jet, dtype):
+    """``x`` converted to the ``dtype`` argument of a reduction (a plain tensor if not floating)."""
+    if dtype is None or dtype == x.p.dtype:
+        return x
+    return _to_copy(ctx, x, dtype=dtype)
+
+
+def _prod_along(ctx, x: Jet, d: int) -> Jet:
+    """Product over dim ``d`` (kept with size 1) as a pairwise tree of products of slices: exact where
+    entries are zero or negative, unlike ``exp(sum(log x))``; ``log2(n)`` jet products."""
+    while x.p.shape[d] > 1:
+        n = x.p.shape[d]
+        m = n // 2
+        pairs = product(ctx, _slice(ctx, x, d, 0, 2 * m, 2), _slice(ctx, x, d, 1, 2 * m, 2), torch.mul)
+        x = _cat(ctx, [pairs, _slice(ctx, x, d, 2 * m, n)], d) if n % 2 else pairs
+    return x
+
+
+@rule(aten.prod.dim_int, aten.prod.default)
+def _prod(ctx, x, dim=None, keepdim=False, dtype=None):
+    """Product over one dim, or over all of them (flattened first), by :func:`_prod_along`."""
+    x = _as_dtype(ctx, x, dtype)
+    if not isinstance(x, Jet):
+        return x.prod() if dim is None else x.prod(dim, keepdim)
+    y = x.p.prod() if dim is None else x.p.prod(dim, keepdim)
+    if x.p.numel() == 0:
+        return y  # the empty product: 1
+    if dim is None or x.p.dim() == 0:
+        out = _prod_along(ctx, _view(ctx, x, [-1]), 0)
+        return Jet(y, _view(ctx, out, list(y.shape)).c)
+    d = _dim(dim, x.p.dim())
+    out = _prod_along(ctx, x, d)
+    return Jet(y, (out if keepdim else _squeeze(ctx, out, [d])).c)
+
+
+@rule(aten.cumprod.default)
+def _cumprod(ctx, x, dim, dtype=None):
+    """Inclusive product scan (Hillis-Steele): after the pass with offset ``s`` entry ``i`` holds the product
+    of entries ``max(0, i - 2s + 1) .. i``; ``log2(n)`` jet products, exact at zeros (no division)."""
+    x = _as_dtype(ctx, x, dtype)
+    if not isinstance(x, Jet):
+        return torch.cumprod(x, dim)
+    y = torch.cumprod(x.p, dim)
+    if x.p.dim() == 0:
+        return Jet(y, list(x.c))
+    d = _dim(dim, x.p.dim())
+    n = x.p.shape[d]
+    s = 1
+    while s < n:
+        tail = product(ctx, _slice(ctx, x, d, s, n), _slice(ctx, x, d, 0, n - s), torch.mul)
+        x = _cat(ctx, [_slice(ctx, x, d, 0, s), tail], d)
+        s *= 2
+    return Jet(y, x.c)
+
+
+@rule(aten.logcumsumexp.default)
+def _logcumsumexp(ctx, x, dim):
+    """``y_i = log sum_(j<=i) exp(x_j) = y_i + log N_i`` with ``N_i = sum_(j<=i) W_ij exp(x_j - x_j(0))`` and the
+    weights ``W_ij = exp(x_j(0) - y_i(0)) <= 1`` (zero for ``j > i``): ``N`` has primal 1, no entry under- or
+    overflows however far apart the ``x_j`` are, and ``log`` has the derivatives ``(-1)^(k-1) (k-1)!`` at 1."""
+    y = torch.logcumsumexp(x.p, dim)
+    if x.p.dim() == 0:
+        return Jet(y, list(x.c))
+    d = _dim(dim, x.p.dim())
+    xl, yl = x.p.movedim(d, -1), y.movedim(d, -1)
+    n = xl.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=y.device).tril()
+    # masked before exp: the entries above the diagonal are exp(-inf) = 0, never inf (nor nan gradients)
+    W = torch.exp(torch.where(lower, xl.unsqueeze(-2) - yl.unsqueeze(-1), -math.inf))  # [..., i, j]
+    E = compose(ctx, Jet(torch.zeros_like(x.p), x.c), torch.ones_like(x.p), [1.0] * ctx.K)  # exp(x - x(0))
+
+    def weigh(X):
+        X = full(X, x.p.shape).movedim(d + 1, -1)
+        return torch.matmul(W, X.unsqueeze(-1)).squeeze(-1).movedim(-1, d + 1)
+
+    N = Jet(torch.ones_like(y), [None if X is None else weigh(X) for X in E.c])
+    return compose(ctx, N, y, [(-1.0) ** (k - 1) * math.factorial(k - 1) for k in range(1, ctx.K + 1)])
+
+
 @rule(aten.flip.default)
 def _flip(ctx, x, dims):
     n = x.p.dim()
@@ -839,12 +985,29 @@ def _group_norm(ctx, x, weight, bias, N, C, HxW, group, eps):
 
 @rule(aten.linalg_vector_norm.default)
 def _vector_norm(ctx, x, ord=2, dim=None, keepdim=False, dtype=None):
-    if ord != 2 or dtype is not None:
-        raise Unsupported("only the 2-norm has a rule")
+    """``(sum |x|^p)^(1/p)`` (``p = 2``: ``sqrt(sum x^2)``, no absolute value); ``p = +-inf``: the largest /
+    smallest ``|x|`` (ties share the derivative); ``p = 0``, the count of nonzeros, is a constant."""
+    x = _as_dtype(ctx, x, dtype)
+    if not isinstance(x, Jet):
+        return aten.linalg_vector_norm.default(x, ord, dim, keepdim)
     ds = _reduce_dims(x, dim)
-    sq = product(ctx, x, x, torch.mul)
-    s = _sum(ctx, sq, ds, keepdim)
-    return _unary_apply(ctx, s, torch.sqrt(s.p), D.sqrt_derivs)
+    p = float(ord)
+    if p == 2:
+        sq = product(ctx, x, x, torch.mul)
+        s = _sum(ctx, sq, ds, keepdim)
+        return _unary_apply(ctx, s, torch.sqrt(s.p), D.sqrt_derivs)
+    y = aten.linalg_vector_norm.default(x.p, ord, dim, keepdim)
+    if p == 0:
+        return y
+    ax = _unary_apply(ctx, x, torch.abs(x.p), D.piecewise_linear(torch.sign))
+    if math.isinf(p):
+        out = _extremum("max" if p > 0 else "min")(ctx, ax, ds, keepdim)
+    elif p == 1:
+        out = _sum(ctx, ax, ds, keepdim)
+    else:
+        s = _sum(ctx, _pow(ctx, ax, p), ds, keepdim)
+        out = _pow(ctx, s, 1.0 / p)
+    return Jet(y, out.c)
 
 
 # ============================================================================ value-independent results
