@@ -507,6 +507,79 @@ case("avg_pool3d", lambda x: F.avg_pool3d(torch.sin(x) * x, 2), [aten.avg_pool3d
 case("adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(torch.sin(x) * x, (1, 2, 2)),
      [aten._adaptive_avg_pool3d.default], in_shape=(1, 2, 4, 4))
 
+# ============================================================================ scatters, windows, selections
+IDX6 = torch.tensor([[2, 0, 1, 0, 2, 1]])  # scatter positions for a [B, 6] src into [B, 3]
+IDX3 = torch.tensor([[2, 0, 1]])
+
+
+def _idx(t, idx):
+    return idx.expand(t.shape[0], idx.shape[1])
+
+
+case("scatter_src", lambda x: torch.sin(h(x))[:, :3].scatter(1, _idx(x, IDX3), torch.cos(h2(x))[:, :3] * h(x)[:, :3]),
+     [aten.scatter.src])
+case("scatter_into_constant", lambda x: torch.tanh(torch.zeros(x.shape[0], 4, dtype=DT).scatter(
+    1, _idx(x, IDX3), torch.sin(h(x))[:, :3])), [aten.scatter.src])
+case("scatter_value", lambda x: torch.sin(h(x))[:, :3].scatter(1, _idx(x, IDX3)[:, :2], 0.5) * h2(x)[:, :3],
+     [aten.scatter.value])
+case("scatter_add", lambda x: torch.sin(h(x))[:, :3].scatter_add(1, _idx(x, IDX6), torch.cos(h2(x)) * h(x)),
+     [aten.scatter_add.default])
+case("scatter_reduce_sum", lambda x: torch.sin(h(x))[:, :3].scatter_reduce(1, _idx(x, IDX6), torch.cos(h2(x)),
+                                                                             "sum"), [aten.scatter_reduce.two])
+case("scatter_reduce_mean", lambda x: torch.tanh(torch.sin(h(x))[:, :3].scatter_reduce(
+    1, _idx(x, IDX6), h2(x) ** 2, "mean", include_self=False)), [aten.scatter_reduce.two])
+for red in ("amax", "amin"):
+    for inc in (True, False):
+        case(f"scatter_reduce_{red}_{'self' if inc else 'noself'}",
+             _then(lambda x, r=red, i=inc: torch.sin(h(x))[:, :4].scatter_reduce(
+                 1, _idx(x, IDX6)[:, :4], torch.cos(h2(x))[:, :4], r, include_self=i), torch.tanh),
+             [aten.scatter_reduce.two])
+case("unfold", lambda x: torch.sin(h(x)).unfold(1, 3, 2) * h2(x)[:, :2, None], [aten.unfold.default])
+case("unfold_broadcast", lambda x: torch.tanh(h(x).unfold(-1, 2, 1)), [aten.unfold.default])
+case("sort", lambda x: torch.tanh(torch.sort(torch.sin(h(x)) * h2(x), 1, descending=True)[0] * h(x)),
+     [aten.sort.default])
+case("sort_stable", lambda x: torch.sin(torch.sort(h(x) * h2(x), stable=True)[0]), [aten.sort.stable])
+case("topk", lambda x: torch.tanh(torch.topk(torch.sin(h(x)) * h2(x), 3, largest=False)[0]), [aten.topk.default])
+case("kthvalue", lambda x: torch.sin(torch.kthvalue(torch.sin(h(x)) * h2(x), 2, 1)[0]), [aten.kthvalue.default])
+case("kthvalue_keepdim", lambda x: torch.kthvalue(torch.sin(h(x)) * h2(x), 4, -1, True)[0] * h(x),
+     [aten.kthvalue.default])
+case("median_dim", lambda x: torch.sin(torch.median(torch.sin(h(x)) * h2(x), 1)[0]) * h(x)[:, 0],
+     [aten.median.dim])
+case("cummax", lambda x: torch.sin(torch.cummax(torch.sin(h(x)) * h2(x), 1)[0]), [aten.cummax.default])
+case("cummin", lambda x: torch.cummin(torch.sin(h(x)) * h2(x), -1)[0] * h(x), [aten.cummin.default])
+case("upsample_bicubic2d", lambda x: torch.sin(F.interpolate(torch.sin(x) * x, scale_factor=2, mode="bicubic",
+                                                            align_corners=False)),
+     [aten.upsample_bicubic2d.default], in_shape=(1, 2, 2))
+bil = nn.Bilinear(6, 4, 3).to(DT)
+case("trilinear_nn_bilinear", lambda x: torch.tanh(bil(torch.sin(h(x)), torch.cos(x @ M3))),
+     [aten._trilinear.default])
+case("trilinear_same_input", lambda x: bil(h(x), h(x)[:, :4]), [aten._trilinear.default])
+
+# ============================================================================ determinants and solves
+DIAG = {"in_shape": (3, 3)}
+
+
+def _mat(x):  # [B, 3, 3] well-conditioned, input-dependent
+    return torch.sin(x) + 2.5 * EYE3
+
+
+case("linalg_det", lambda x: torch.linalg.det(_mat(x)), [aten._linalg_det.default], **DIAG)
+case("linalg_det_negative", lambda x: torch.tanh(torch.linalg.det(torch.sin(x) @ M3[:, :3].T - 2.0 * EYE3)),
+     [aten._linalg_det.default], **DIAG)
+case("linalg_slogdet", lambda x: torch.stack(torch.linalg.slogdet(_mat(x) - 5.0 * EYE3), -1),
+     [aten._linalg_slogdet.default], **DIAG)
+case("linalg_solve_vector", lambda x: torch.linalg.solve(_mat(x), torch.cos(x[:, 0]) * x[:, 1]),
+     [aten._linalg_solve_ex.default], **DIAG)
+case("linalg_solve_matrix", lambda x: torch.sin(torch.linalg.solve(_mat(x), torch.cos(x) @ M3[:, :2])),
+     [aten._linalg_solve_ex.default], **DIAG)
+case("linalg_solve_constant_matrix", lambda x: torch.linalg.solve(EYE3 * 2.0 + M3[:, :3], torch.sin(h(x))[:, :3, None]),
+     [aten._linalg_solve_ex.default],  # torch.func's solve backward fails for a broadcast A: inverse as reference
+     ref=lambda x: torch.linalg.inv(EYE3 * 2.0 + M3[:, :3]) @ torch.sin(h(x))[:, :3, None])
+case("linalg_solve_constant_rhs", lambda x: torch.linalg.solve(_mat(x), M3[:, :2]), [aten._linalg_solve_ex.default],
+     ref=lambda x: torch.linalg.inv(_mat(x)) @ M3[:, :2], **DIAG)  # vmap's solve with an unbatched B: wrong shape
+case("linalg_solve_left_false", lambda x: torch.linalg.solve(_mat(x), torch.cos(x)[:, :2] * x[:, 1:], left=False),
+     [aten._linalg_solve_ex.default], **DIAG)
+
 # ============================================================================ value-independent results (constants)
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 from ._rules import _UNARY, RULES
 
 _KINDS = {
-    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution", "linalg_inv_ex"},
+    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution", "linalg_inv_ex", "_linalg_det",
+                       "_linalg_slogdet", "_linalg_solve_ex", "_trilinear"},
     "arithmetic": {"add", "sub", "rsub", "mul", "div", "neg", "pow", "where", "maximum", "minimum", "atan2",
                    "clamp", "clamp_min", "clamp_max"},
     "shape": {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze",
               "clone", "alias", "contiguous", "lift_fresh_copy", "_to_copy", "detach", "slice", "select",
-              "index_select", "constant_pad_nd", "cat", "stack", "split", "split_with_sizes", "unbind"},
+              "index_select", "constant_pad_nd", "cat", "stack", "split", "split_with_sizes", "unbind", "unfold",
+              "scatter", "scatter_add", "scatter_reduce"},
     "reduction": {"sum", "mean", "var", "var_mean", "logsumexp", "prod", "cumprod", "logcumsumexp",
-                  "linalg_vector_norm"},
+                  "linalg_vector_norm", "sort", "topk", "kthvalue", "median", "cummax", "cummin"},
     "normalization / softmax": {"native_layer_norm", "_softmax", "_log_softmax", "native_batch_norm",
                                 "_native_batch_norm_legit_no_training"},
 }

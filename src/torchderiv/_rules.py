@@ -1028,3 +1028,197 @@ for _op in (aten.full_like.default, aten.zeros_like.default, aten.ones_like.defa
             aten.new_full.default, aten.new_empty.default, aten.sign.default, aten.floor.default,
             aten.ceil.default, aten.round.default, aten.trunc.default, aten.fill.Scalar, aten.zero.default):
     RULES[_op] = _constant_result(_op)
+
+
+# ============================================================================ scatters, windows, selections
+
+
+def _scatter_index(index: Tensor, rows: int) -> Tensor:
+    return index.unsqueeze(0).expand(rows, *index.shape)
+
+
+def _scatter_rule(op, reduce_pos=None):
+    """``scatter`` / ``scatter_add`` / ``scatter_reduce`` ("sum", "mean"): for a fixed index the result is linear
+    in ``(self, src)``, so each coefficient is the same scatter of the coefficients (scatter dim + 1)."""
+
+    def r(ctx, inp, dim, index, src, *args, **kwargs):
+        _require_constant(index)
+        reduce = args[reduce_pos] if reduce_pos is not None else None
+        if reduce in ("amax", "amin"):
+            return _scatter_extremum(ctx, inp, dim, index, src, reduce, *args[1:], **kwargs)
+        if reduce not in (None, "sum", "mean"):
+            raise Unsupported(f"scatter_reduce with reduce={reduce!r}")
+        d = _dim(dim, P(inp).dim())
+        y = op(P(inp), d, index, P(src), *args, **kwargs)
+        if not isinstance(inp, Jet) and not isinstance(src, Jet):
+            return y
+        if not isinstance(src, Jet):  # scatter.value or a constant src: its written entries get zero coefficients
+            src = P(src)
+            if not isinstance(src, Tensor):
+                src = torch.full(index.shape, float(src), dtype=y.dtype, device=y.device)
+            src = Jet(src, [None] * ctx.K)
+        wop = aten.scatter.src if op is aten.scatter.value else op
+        return _scatter_like(ctx, inp, src, y,
+                             lambda a, b: wop(a, d + 1, _scatter_index(index, a.shape[0]), b, *args, **kwargs))
+
+    return r
+
+
+def _scatter_extremum(ctx, inp, dim, index, src, reduce, include_self=True):
+    """``scatter_reduce`` "amax" / "amin": every output entry is one of its candidates (``self`` if included,
+    the ``src`` entries scattered there), so its coefficients are the winners' (ties share them equally)."""
+    pi, ps = P(inp), P(src)
+    d = _dim(dim, pi.dim())
+    y = aten.scatter_reduce.two(pi, d, index, ps, reduce, include_self=include_self)
+    ws = (ps == y.gather(d, index)).to(y.dtype)
+    if include_self:
+        wi = (pi == y).to(y.dtype)
+    else:  # entries no src reaches keep self
+        wi = (torch.zeros_like(y).scatter_add(d, index, torch.ones_like(ps)) == 0).to(y.dtype)
+    count = wi.scatter_add(d, index, ws)
+    ws, wi = ws / count.gather(d, index), wi / count
+    return _scatter_like(ctx, inp, src, y, lambda a, b: (a * wi).scatter_add(
+        d + 1, _scatter_index(index, a.shape[0]), b * ws))
+
+
+RULES[aten.scatter.src] = _scatter_rule(aten.scatter.src)
+RULES[aten.scatter.value] = _scatter_rule(aten.scatter.value)
+RULES[aten.scatter_add.default] = _scatter_rule(aten.scatter_add.default)
+RULES[aten.scatter_reduce.two] = _scatter_rule(aten.scatter_reduce.two, reduce_pos=0)
+
+
+@rule(aten.unfold.default)
+def _unfold(ctx, x, dim, size, step):
+    """Sliding windows along ``dim`` (a view): the same windows of each coefficient."""
+    d = _dim(dim, x.p.dim())
+    return linear(ctx, x, lambda p: p.unfold(d, size, step), lambda X: full(X, x.p.shape).unfold(d + 1, size, step))
+
+
+def _take_along(ctx, x: Jet, values: Tensor, idx: Tensor, d: int, keepdim: bool = True) -> Jet:
+    """The jet of ``values = x`` taken at ``idx`` along ``d`` (the primal's own sort / top-k / scan winners):
+    each coefficient gathered at the same indices."""
+    if x.p.dim() == 0:
+        return Jet(values, list(x.c))
+    i = idx if keepdim else idx.unsqueeze(d)
+
+    def fc(X):
+        out = torch.gather(full(X, x.p.shape), d + 1, _scatter_index(i, X.shape[0]))
+        return out if keepdim else out.squeeze(d + 1)
+
+    return Jet(values, [None if X is None else fc(X) for X in x.c])
+
+
+def _values_rule(op, dim_pos, keepdim_pos=None):
+    """Ops returning ``(values, indices)`` of entries of ``x`` along a dim: values by :func:`_take_along`."""
+
+    def r(ctx, x, *args, **kwargs):
+        values, idx = op(x.p, *args, **kwargs)
+        dim = kwargs.get("dim", args[dim_pos] if dim_pos is not None and len(args) > dim_pos else -1)
+        keepdim = True
+        if keepdim_pos is not None:
+            keepdim = kwargs.get("keepdim", args[keepdim_pos] if len(args) > keepdim_pos else False)
+        return _take_along(ctx, x, values, idx, _dim(dim, x.p.dim()), keepdim), idx
+
+    return r
+
+
+RULES[aten.sort.default] = _values_rule(aten.sort.default, 0)
+RULES[aten.sort.stable] = _values_rule(aten.sort.stable, None)  # dim is keyword-only
+RULES[aten.topk.default] = _values_rule(aten.topk.default, 1)
+RULES[aten.kthvalue.default] = _values_rule(aten.kthvalue.default, 1, 2)
+RULES[aten.median.dim] = _values_rule(aten.median.dim, 0, 1)
+RULES[aten.cummax.default] = _values_rule(aten.cummax.default, 0)
+RULES[aten.cummin.default] = _values_rule(aten.cummin.default, 0)
+RULES[aten.upsample_bicubic2d.default] = _batch_leading(aten.upsample_bicubic2d.default)
+
+
+@rule(aten._trilinear.default)
+def _trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
+    """``sum_sumdim(u1 * u2 * u3)``, ``u_j`` = input ``j`` unsqueezed at ``expand_j``: two elementwise jet products."""
+    us = []
+    for t, ex in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        for e in sorted(ex):
+            t = _unsqueeze(ctx, t, e) if isinstance(t, Jet) else t.unsqueeze(e)
+        us.append(t)
+    y = aten._trilinear.default(P(i1), P(i2), P(i3), expand1, expand2, expand3, sumdim, unroll_dim)
+    out = product(ctx, product(ctx, us[0], us[1], torch.mul), us[2], torch.mul)
+    if not isinstance(out, Jet):
+        return y
+    if sumdim:
+        out = _sum(ctx, out, list(sumdim), False)
+    return Jet(y, [None if X is None else align(X, y.dim()) for X in out.c])
+
+
+# ============================================================================ determinants and solves
+
+
+def _lead(ctx, A: Jet, Y0: Tensor) -> Jet:
+    """``M = Y0 dA`` (``Y0 = A(0)^-1``, ``dA`` the jet of ``A`` less its primal): zero primal."""
+    nd = A.p.dim()
+    return Jet(torch.zeros_like(A.p), [None if X is None else torch.matmul(Y0, align(X, nd)) for X in A.c])
+
+
+def _logdet_increment(ctx, A: Jet, Y0: Tensor) -> Jet:
+    """``log det(A) - log det(A(0)) = log det(I + M) = sum_j (-1)^(j+1) tr(M^j) / j`` with ``M = A(0)^-1 dA``. ``M``
+    has a zero primal, so ``M^j`` starts at order ``j``: the sum up to ``j = K`` is exact at every order ``<= K``."""
+    M = _lead(ctx, A, Y0)
+    nd = A.p.dim()
+    zero = torch.zeros(A.p.shape[:-2], dtype=A.p.dtype, device=A.p.device)
+    S = Jet(zero, [None] * ctx.K)
+    Mj = M
+    for j in range(1, ctx.K + 1):
+        if j > 1:
+            Mj = product(ctx, M, Mj, torch.matmul, y=M.p, elementwise=False)
+        tr = linear(ctx, Mj, lambda p: zero, lambda X: align(X, nd).diagonal(0, -2, -1).sum(-1))
+        S = add(ctx, S, tr, zero, alpha=(-1.0) ** (j + 1) / j)
+    return S
+
+
+@rule(aten._linalg_slogdet.default)
+def _linalg_slogdet(ctx, A):
+    """``log|det A| = log|det A(0)| + log det(I + A(0)^-1 dA)`` (:func:`_logdet_increment`); the sign is constant."""
+    sign, logabs, LU, pivots = aten._linalg_slogdet.default(A.p)
+    S = _logdet_increment(ctx, A, torch.linalg.inv(A.p))
+    return sign, Jet(logabs, S.c), LU, pivots
+
+
+@rule(aten._linalg_det.default)
+def _linalg_det(ctx, A):
+    """``det A = det A(0) exp(log det(I + A(0)^-1 dA))``: ``exp`` composed at 0 (every derivative 1)."""
+    det, LU, pivots = aten._linalg_det.default(A.p)
+    S = _logdet_increment(ctx, A, torch.linalg.inv(A.p))
+    E = compose(ctx, S, torch.ones_like(S.p), [1.0] * ctx.K)
+    return scale(ctx, E, det, det), LU, pivots
+
+
+@rule(aten._linalg_solve_ex.default)
+def _linalg_solve(ctx, A, B, left=True, check_errors=False):
+    """``X = A^-1 B``: ``A(0) X = B - dA X`` is the fixed point ``X = X0 + Y0 dB + L X``, ``L = -Y0 dA`` (zero
+    primal), ``Y0 = A(0)^-1``; as for :func:`_linalg_inv`, ``K`` passes make every order exact. ``left=False``
+    (``X A = B``) solves the transposed system. A stack of vectors ``B`` is solved as one-column matrices."""
+    pa, pb = P(A), P(B)
+    X0, LU, pivots, info = aten._linalg_solve_ex.default(pa, pb, left=left, check_errors=check_errors)
+    vector = pb.dim() == 1 or (pb.dim() == pa.dim() - 1 and pb.shape == pa.shape[:-1])
+    if not left:  # X A = B  <=>  A^T X^T = B^T
+        A = _transpose(ctx, A, -2, -1) if isinstance(A, Jet) else pa.transpose(-2, -1)
+        if not vector:
+            B = _transpose(ctx, B, -2, -1) if isinstance(B, Jet) else pb.transpose(-2, -1)
+    if vector:
+        B = _unsqueeze(ctx, B, -1) if isinstance(B, Jet) else pb.unsqueeze(-1)
+    pa, pb = P(A), P(B)
+    Y0 = torch.linalg.inv(pa)
+    Xp = torch.matmul(Y0, pb)
+    nd = Xp.dim()
+    G = [None if not isinstance(B, Jet) or X is None else align(torch.matmul(Y0, align(X, pb.dim())), nd)
+         for X in B.c] if isinstance(B, Jet) else [None] * ctx.K
+    X = Jet(Xp, G)
+    if isinstance(A, Jet):
+        L = Jet(torch.zeros_like(pa), [None if X_ is None else -torch.matmul(Y0, align(X_, pa.dim())) for X_ in A.c])
+        for _ in range(ctx.K):
+            LX = product(ctx, L, X, torch.matmul, y=torch.zeros_like(Xp), elementwise=False)
+            X = add(ctx, Jet(Xp, G), LX, Xp)
+    if vector:
+        X = _squeeze(ctx, X, [-1])
+    elif not left:
+        X = _transpose(ctx, X, -2, -1)
+    return Jet(X0, [None if c is None else align(c, X0.dim()) for c in X.c]), LU, pivots, info
