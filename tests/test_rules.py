@@ -661,6 +661,24 @@ case("batch_norm_train", lambda x: torch.tanh(F.batch_norm(torch.sin(h(x)) * h2(
      ref=lambda x: torch.tanh(_manual_bn_train(torch.sin(h(x)) * h2(x))))
 
 # rules that no captured graph can contain: make_fx always decomposes these CompositeImplicitAutograd ops
+# ---------------------------------------------------------------------------- Fourier transforms, complex values
+CW = torch.complex(rnd(4), rnd(4))  # a complex filter on the 4 modes of a length-6 real FFT
+CW6 = torch.complex(rnd(6), rnd(6))
+case("fft_r2c_c2r", lambda x: torch.fft.irfft(torch.fft.rfft(torch.tanh(h(x)), dim=-1) * CW, n=6, dim=-1),
+     [aten._fft_r2c.default, aten._fft_c2r.default])
+case("fft_c2c_complex", lambda x: torch.view_as_real(torch.fft.fft(torch.complex(h(x), torch.sin(h(x))))).flatten(1),
+     [aten._fft_c2c.default, aten.complex.default, aten.view_as_real.default])
+case("view_as_complex_conj_physical",
+     lambda x: torch.view_as_real(torch.conj_physical(
+         torch.view_as_complex(torch.stack([h(x), torch.tanh(h(x))], -1)) * CW6)).flatten(1),
+     [aten.view_as_complex.default, aten._conj_physical.default])
+case("conj_holomorphic",
+     lambda x: torch.view_as_real(torch.exp(torch.complex(h(x), 0.5 * h(x)).conj().resolve_conj() * CW6)).flatten(1),
+     [aten._conj.default, aten.exp.default],
+     # vmap has no batching rule for conj's lazy negation: the twin conjugates by hand
+     ref=lambda x: torch.view_as_real(torch.exp(torch.complex(h(x), -0.5 * h(x)) * CW6)).flatten(1))
+
+
 UNREACHABLE = {aten.reshape.default, aten.contiguous.default}
 
 

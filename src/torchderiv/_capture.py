@@ -155,7 +155,7 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
 # ----------------------------------------------------------------------------- batch independence
 
 _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "minimum", "rsub", "clamp",
-                     "clamp_min", "clamp_max",
+                     "clamp_min", "clamp_max", "complex",
                      "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_not",
                      "masked_fill", "fill", "copy", "lerp", "addcmul", "addcdiv", "atan2", "fmod", "hypot", "copysign",
                      "xlogy", "logaddexp", "fmax", "fmin",
@@ -378,6 +378,17 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             if not first_only() or d == p:
                 fail(n, f"{name} along the batch dimension")
             bd[n] = p if o0.dim() == iv.dim() else p - (d < p)
+        elif name in ("view_as_real", "view_as_complex"):  # adds / removes a trailing dim of 2
+            p = bd[args[0]]
+            if p >= o0.dim():
+                fail(n, "the batch dimension holds real and imaginary parts")
+            bd[n] = p
+        elif name in ("_fft_r2c", "_fft_c2r", "_fft_c2c"):  # transforms along the dims listed in args[1]
+            p = bd[args[0]]
+            nd = _val(args[0]).dim()
+            if p in {d % nd for d in args[1]}:
+                fail(n, "a Fourier transform along the batch dimension")
+            bd[n] = p
         elif name == "unfold":  # unfold(x, dim, size, step): windows along dim, as a new last dim
             p = bd[args[0]]
             if args[1] % max(_val(args[0]).dim(), 1) == p:

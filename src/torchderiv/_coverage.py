@@ -5,10 +5,11 @@ from __future__ import annotations
 from ._rules import _UNARY, RULES
 
 _KINDS = {
-    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution", "linalg_inv_ex", "_linalg_det",
-                       "_linalg_slogdet", "_linalg_solve_ex", "_trilinear"},
+    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution", "_fft_r2c", "_fft_c2r", "_fft_c2c",
+                       "linalg_inv_ex", "_linalg_det", "_linalg_slogdet", "_linalg_solve_ex", "_trilinear"},
     "arithmetic": {"add", "sub", "rsub", "mul", "div", "neg", "pow", "where", "maximum", "minimum", "atan2",
-                   "clamp", "clamp_min", "clamp_max"},
+                   "clamp", "clamp_min", "clamp_max", "complex", "view_as_real", "view_as_complex", "_conj",
+                   "_conj_physical"},
     "shape": {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze",
               "clone", "alias", "contiguous", "lift_fresh_copy", "_to_copy", "detach", "slice", "select",
               "index_select", "constant_pad_nd", "cat", "stack", "split", "split_with_sizes", "unbind", "unfold",

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from ._capture import Captured, capture, check_batch_independence
 from ._jet import Ctx, Jet
 from ._plan import Plan
-from ._rules import RULES, Unsupported
+from ._rules import RULES, Unsupported, copy_out_of_place
 
 _warned: set = set()
 
@@ -376,18 +376,45 @@ def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) ->
         with torch.inference_mode(False), torch.no_grad():
             fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             table = get_decompositions(ops)
-            table[torch.ops.aten.copy.default] = _copy_out_of_place  # functional copy has no autograd formula
+            table[torch.ops.aten.copy.default] = copy_out_of_place  # functional copy has no autograd formula
             gm = make_fx(cap.gm, decomposition_table=table, tracing_mode="fake",
                          _allow_non_fake_inputs=True)(fake_x, *[c.detach() for c in consts])
+        _patch_for_autograd(gm)
         e = Entry(gm=gm, constants=consts, fp=fingerprint(f))
         slot[key] = e
     gm, consts = e.gm, e.constants
     return lambda xx: gm(xx, *consts)
 
 
-def _copy_out_of_place(self, src, non_blocking=False):
-    """``aten.copy`` (what functionalization makes of ``dst.copy_(src)``) in differentiable ops."""
-    return src.to(dtype=self.dtype, device=self.device).expand(self.shape).clone()
+def _patch_for_autograd(gm: fx.GraphModule) -> None:
+    """Work around two gaps of torch's reverse mode in the traced graph (both met in slice writes such as
+    an FNO's ``Y[..., :modes] = ...`` or ``buf[:, 1:] = h``): autograd has no complex formula for
+    slice_scatter / select_scatter, so complex ones run on real views, as the forward rules do; and the
+    backward of a slice under vmap overflows on the open end ``2**63 - 1`` of ``x[1:]``, so slice bounds
+    are clamped to the dim's size."""
+    from ._rules import _select_scatter_op, _slice_scatter_op
+
+    aten = torch.ops.aten
+    swap = {aten.slice_scatter.default: _slice_scatter_op, aten.select_scatter.default: _select_scatter_op}
+    bounds = {aten.slice.Tensor: 2, aten.slice_scatter.default: 3}  # position of start (end follows)
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in bounds and isinstance(n.args[0], fx.Node):
+            i = bounds[n.target]
+            args = list(n.args)
+            src = n.args[0].meta.get("val")
+            dim = args[i - 1] if len(args) > i - 1 else 0
+            if isinstance(src, torch.Tensor) and src.dim():
+                size = src.shape[dim]
+                for j in (i, i + 1):
+                    if j < len(args) and isinstance(args[j], int) and args[j] > size:
+                        args[j] = size
+                n.args = tuple(args)
+        val = n.meta.get("val")
+        if n.target in swap and isinstance(val, torch.Tensor) and val.is_complex():
+            n.target = swap[n.target]
+    gm.recompile()
 
 
 def _check_traced_output(fname: str, y, x: torch.Tensor, batched: bool) -> None:

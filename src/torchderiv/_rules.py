@@ -136,9 +136,15 @@ def _unary_apply(ctx: Ctx, x: Jet, y: Tensor, derivs) -> Jet:
     return compose(ctx, x, y, derivs(x.p, y, ctx.K))
 
 
+# functions whose Taylor rule is a real-variable formula: wrong for complex arguments (not holomorphic)
+_REAL_ONLY = {aten.abs.default, aten.sgn.default, aten.sign.default}
+
+
 def _unary(op, factory):
     def r(ctx: Ctx, x, *args, **kwargs):
         _require_constant(*args, *kwargs.values())
+        if x.p.is_complex() and (op in _REAL_ONLY or not _holomorphic(op)):
+            raise Unsupported(f"{op} of a complex tensor is not holomorphic")  # -> order-1 fallback or error
         y = op(x.p, *args, **kwargs)
         return _unary_apply(ctx, x, y, factory(x.p, *args, **kwargs))
 
@@ -147,6 +153,13 @@ def _unary(op, factory):
 
 for _op, _factory in list(_UNARY.items()):
     RULES[_op] = _unary(_op, _factory)
+
+
+def _holomorphic(op) -> bool:
+    """Elementwise functions whose derivative formulas hold for complex arguments (complex-analytic)."""
+    return op.__name__.split(".")[0] in {"exp", "expm1", "log", "log1p", "sin", "cos", "tan", "sinh", "cosh",
+                                          "tanh", "sigmoid", "sqrt", "rsqrt", "reciprocal", "pow", "asin",
+                                          "acos", "atan", "asinh", "acosh", "atanh", "exp2", "log2", "log10"}
 
 
 def _pow(ctx: Ctx, x: Jet, p: float) -> Jet:
@@ -411,6 +424,53 @@ def _hypot(ctx, a, b):
     return RULES[aten.sqrt.default](ctx, _add(ctx, *sq))
 
 
+def _fft_rule(op):
+    def r(ctx, x, dim, *args):
+        """The discrete Fourier transforms (``torch.fft.*`` trace to these) are linear: each coefficient is
+        transformed along the same dims, shifted past the stream dim."""
+        return linear(ctx, x, lambda p: op(p, dim, *args),
+                      lambda X: op(full(X, x.p.shape), [_dim(d, x.p.dim()) + 1 for d in dim], *args))
+
+    return r
+
+
+for _op in (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default):
+    RULES[_op] = _fft_rule(_op)
+
+
+@rule(aten.complex.default)
+def _complex(ctx, re, im):
+    """``re + i im`` is real-linear in both parts: coefficients combine the same way (a zero for a constant)."""
+    y = torch.complex(P(re), P(im))
+    if constant(re) and constant(im):
+        return y
+    out = []
+    for k in range(ctx.K):
+        Xr = re.c[k] if isinstance(re, Jet) else None
+        Xi = im.c[k] if isinstance(im, Jet) else None
+        if Xr is None and Xi is None:
+            out.append(None)
+            continue
+        Xr = full(Xr, y.shape) if Xr is not None else torch.zeros_like(full(Xi, y.shape))
+        Xi = full(Xi, y.shape) if Xi is not None else torch.zeros_like(Xr)
+        out.append(torch.complex(Xr, Xi))
+    return Jet(y, out)
+
+
+def _real_linear(op):
+    def r(ctx, x):
+        """Real-linear maps between complex tensors and their real views, and conjugation: applied to every
+        coefficient, since the Taylor variable is real (``x.real`` / ``x.imag`` trace to view_as_real)."""
+        return linear(ctx, x, op, lambda X: op(full(X, x.p.shape).contiguous()))
+
+    return r
+
+
+for _op in (aten.view_as_real.default, aten.view_as_complex.default, aten._conj.default,
+            aten._conj_physical.default):
+    RULES[_op] = _real_linear(_op)
+
+
 def _view_coef(X: Tensor, pin: Tensor, shape) -> Tensor:
     X = align(X, pin.dim())
     n = X.shape[0]
@@ -465,7 +525,7 @@ def _identity(ctx, x, **kwargs):
 @rule(aten._to_copy.default)
 def _to_copy(ctx, x, **kwargs):
     y = aten._to_copy.default(x.p, **kwargs)
-    if not y.is_floating_point():
+    if not (y.is_floating_point() or y.is_complex()):  # integer or bool: no derivative
         return y
     return Jet(y, [None if X is None else X.to(dtype=y.dtype, device=y.device) for X in x.c])
 
@@ -529,18 +589,35 @@ def _scatter_like(ctx, inp, src, y, write):
     return Jet(y, out)
 
 
+def _on_real_view(op):
+    """``op(a, b, *args)`` for complex ``a, b`` through their real views (one trailing dim of 2): autograd has
+    no complex formula for slice_scatter / select_scatter, but has one for view_as_real / view_as_complex."""
+
+    def call(a, b, *args):
+        if not a.is_complex():
+            return op(a, b, *args)
+        ra, rb = (torch.view_as_real(t.resolve_conj()) for t in (a, b))
+        return torch.view_as_complex(op(ra, rb, *args))
+
+    return call
+
+
+_slice_scatter_op = _on_real_view(aten.slice_scatter.default)
+_select_scatter_op = _on_real_view(aten.select_scatter.default)
+
+
 @rule(aten.slice_scatter.default)
 def _slice_scatter(ctx, inp, src, dim=0, start=None, end=None, step=1):
     d = _dim(dim, P(inp).dim())
-    y = aten.slice_scatter.default(P(inp), P(src), d, start, end, step)
-    return _scatter_like(ctx, inp, src, y, lambda a, b: aten.slice_scatter.default(a, b, d + 1, start, end, step))
+    y = _slice_scatter_op(P(inp), P(src), d, start, end, step)
+    return _scatter_like(ctx, inp, src, y, lambda a, b: _slice_scatter_op(a, b, d + 1, start, end, step))
 
 
 @rule(aten.select_scatter.default)
 def _select_scatter(ctx, inp, src, dim, index):
     d = _dim(dim, P(inp).dim())
-    y = aten.select_scatter.default(P(inp), P(src), d, index)
-    return _scatter_like(ctx, inp, src, y, lambda a, b: aten.select_scatter.default(a, b, d + 1, index))
+    y = _select_scatter_op(P(inp), P(src), d, index)
+    return _scatter_like(ctx, inp, src, y, lambda a, b: _select_scatter_op(a, b, d + 1, index))
 
 
 @rule(aten.index_put.default)
@@ -561,9 +638,15 @@ def _index_put(ctx, inp, indices, values, accumulate=False):
     return _scatter_like(ctx, inp, values, y, write)
 
 
+def copy_out_of_place(self, src, non_blocking=False):
+    """``aten.copy`` (what functionalization makes of ``dst.copy_(src)``) in differentiable ops: autograd has
+    no formula for the functional copy, so parameter gradients through a slice write would fail."""
+    return src.to(dtype=self.dtype, device=self.device).expand(self.shape).clone()
+
+
 @rule(aten.copy.default)
 def _copy(ctx, dst, src, non_blocking=False):
-    y = aten.copy.default(P(dst), P(src), non_blocking)
+    y = copy_out_of_place(P(dst), P(src))
     if not isinstance(src, Jet):
         return y
     return Jet(y, [None if X is None else full(X.to(y.dtype), y.shape) for X in src.c])
@@ -675,8 +758,15 @@ def _mean(ctx, x, dims=None, keepdim=False, dtype=None):
     return scale(ctx, s, 1.0 / count, s.p / count)
 
 
+def _real_only(x, what: str) -> None:
+    """Rules written with ``x * x`` for ``|x|^2``: a complex ``x`` goes to the order-1 fallback (or an error)."""
+    if isinstance(x, Jet) and x.p.is_complex():
+        raise Unsupported(f"{what} of a complex tensor")
+
+
 @rule(aten.var.correction)
 def _var(ctx, x, dims=None, correction=None, keepdim=False):
+    _real_only(x, "var")
     ds = _reduce_dims(x, dims)
     count = 1
     for d in ds:
@@ -987,6 +1077,7 @@ def _group_norm(ctx, x, weight, bias, N, C, HxW, group, eps):
 def _vector_norm(ctx, x, ord=2, dim=None, keepdim=False, dtype=None):
     """``(sum |x|^p)^(1/p)`` (``p = 2``: ``sqrt(sum x^2)``, no absolute value); ``p = +-inf``: the largest /
     smallest ``|x|`` (ties share the derivative); ``p = 0``, the count of nonzeros, is a constant."""
+    _real_only(x, "vector_norm")
     x = _as_dtype(ctx, x, dtype)
     if not isinstance(x, Jet):
         return aten.linalg_vector_norm.default(x, ord, dim, keepdim)
