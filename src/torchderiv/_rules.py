@@ -242,6 +242,14 @@ def _where(ctx, cond, a, b):
     _require_constant(cond)
     y = torch.where(cond, P(a), P(b))
     nd = y.dim()
+    al = lambda X: X if X.dim() == 0 else align(X, nd)  # noqa: E731 - a 0-d zero stands in for a constant
+    return Jet(y, _combine_coefs(ctx, a, b, lambda A, B: torch.where(cond, al(A), al(B)),
+                                 lambda X: X.new_zeros(())))
+
+
+def _combine_coefs(ctx, a, b, combine: Callable, zero: Callable) -> list:
+    """``combine(A, B)`` for the order-k coefficients of two operands (either may be a constant), with
+    ``zero(other)`` standing in for a missing one; ``None`` where both are missing."""
     out = []
     for k in range(ctx.K):
         A = a.c[k] if isinstance(a, Jet) else None
@@ -249,11 +257,8 @@ def _where(ctx, cond, a, b):
         if A is None and B is None:
             out.append(None)
             continue
-        like = A if A is not None else B
-        A = align(A, nd) if A is not None else like.new_zeros(())
-        B = align(B, nd) if B is not None else like.new_zeros(())
-        out.append(torch.where(cond, A, B))
-    return Jet(y, out)
+        out.append(combine(A if A is not None else zero(B), B if B is not None else zero(A)))
+    return out
 
 
 def _select_rule(pick_a: Callable):
@@ -444,17 +449,8 @@ def _complex(ctx, re, im):
     y = torch.complex(P(re), P(im))
     if constant(re) and constant(im):
         return y
-    out = []
-    for k in range(ctx.K):
-        Xr = re.c[k] if isinstance(re, Jet) else None
-        Xi = im.c[k] if isinstance(im, Jet) else None
-        if Xr is None and Xi is None:
-            out.append(None)
-            continue
-        Xr = full(Xr, y.shape) if Xr is not None else torch.zeros_like(full(Xi, y.shape))
-        Xi = full(Xi, y.shape) if Xi is not None else torch.zeros_like(Xr)
-        out.append(torch.complex(Xr, Xi))
-    return Jet(y, out)
+    return Jet(y, _combine_coefs(ctx, re, im, lambda A, B: torch.complex(full(A, y.shape), full(B, y.shape)),
+                                 lambda X: torch.zeros_like(full(X, y.shape))))
 
 
 def _real_linear(op):
