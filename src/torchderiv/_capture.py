@@ -49,15 +49,22 @@ def _cdist(x1, x2, p, compute_mode=None):
     return torch.where(pos, s.sqrt() if p == 2 else s.pow(1.0 / p), torch.zeros_like(s))
 
 
-# decompositions of our own, for ops without a rule that torch's table leaves alone
-_EXTRA_DECOMPOSITIONS = {aten._cdist_forward.default: _cdist}
+def _extra_decompositions() -> dict:
+    """Decompositions for ops without a rule that the core-ATen table leaves alone: our own for cdist, and
+    torch's own (outside the core table) for grid_sampler_2d, which has no forward-mode derivative."""
+    from torch._decomp import decomposition_table
+
+    table = {aten._cdist_forward.default: _cdist}
+    if aten.grid_sampler_2d.default in decomposition_table:
+        table[aten.grid_sampler_2d.default] = decomposition_table[aten.grid_sampler_2d.default]
+    return table
 
 
 def _decompositions_for(gm: fx.GraphModule) -> dict:
     """Core-ATen decompositions (into ops that stay ATen, never prims) of the ops that have no rule."""
     from torch._decomp import core_aten_decompositions
 
-    decomposition_table = {**core_aten_decompositions(), **_EXTRA_DECOMPOSITIONS}
+    decomposition_table = {**core_aten_decompositions(), **_extra_decompositions()}
     table = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
@@ -378,6 +385,16 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             if not first_only() or d == p:
                 fail(n, f"{name} along the batch dimension")
             bd[n] = p if o0.dim() == iv.dim() else p - (d < p)
+        elif name in ("grid_sampler_2d", "grid_sampler_3d"):
+            # out[n, :, *loc] samples input[n] at grid[n, *loc]: the batch may sit in N (input and grid) or,
+            # with a constant input (a feature plane of a neural field), in a location dim of the grid
+            pi, pg = bd.get(args[0]), bd.get(args[1])
+            last = _val(args[1]).dim() - 1
+            if (pi is not None and pi != 0) or pg == last or (pi is not None and pg not in (None, 0)):
+                fail(n, "sampling mixes the batch with channels, positions or coordinates")
+            bd[n] = 0 if pg in (None, 0) else pg + 1
+            if o0.shape[bd[n]] != B:
+                fail(n, "the batch dimension disappears")
         elif name in ("view_as_real", "view_as_complex"):  # adds / removes a trailing dim of 2
             p = bd[args[0]]
             if p >= o0.dim():
@@ -531,6 +548,19 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 fail(n, "a reduction over the batch dimension")
             keep = o0.dim() == iv.dim()
             bd[n] = p if keep else p - sum(1 for d in dims if d < p)
+        elif name == "index" and bd.get(args[0]) is None:
+            # a constant table read at indices computed from x (the decomposed grid_sample): row b of the
+            # output reads only row b of the indices, which carry the batch at one place from the right
+            idx = [t for t in args[1] if t is not None]
+            rs = {_val(t).dim() - bd[t] for t in idx if bd.get(t) is not None}
+            pos = [i for i, t in enumerate(args[1]) if t is not None]
+            nb = max(_val(t).dim() for t in idx)
+            if len(rs) != 1:
+                fail(n, "index tensors carry the batch in different dimensions")
+            first = pos[0] if pos == list(range(pos[0], pos[-1] + 1)) else 0
+            bd[n] = first + nb - rs.pop()
+            if o0.shape[bd[n]] != B:
+                fail(n, "the batch dimension disappears")
         elif name in ("index", "gather"):
             p = bd[ins[0]]
             if name == "index":

@@ -70,7 +70,13 @@ def _fallback(ctx: Ctx, op, args, kwargs):
         tangents = tuple(
             (t[r].expand(p.shape) if t is not None else torch.zeros_like(p)) for t, p in zip(X, jp)
         )
-        _, dy = torch.func.jvp(call, jp, tangents)
+        try:
+            _, dy = torch.func.jvp(call, jp, tangents)
+        except NotImplementedError as e:  # PyTorch has no forward-mode formula either (grid_sampler_3d ...)
+            raise NotImplementedError(
+                f"torchderiv: no Taylor rule for `{name}`, and PyTorch has no forward-mode derivative for it "
+                f"({str(e).splitlines()[0]}). Use method='reverse' (jacobian, hessian), or replace the op in f."
+            ) from e
         tangents_rows.append(dy)
     def wrap(yi, rows_i):
         # integer outputs (indices of sort / topk / max) carry no derivative: plain tensors, not jets
