@@ -728,7 +728,8 @@ def test_op_without_rule_raises_above_order_one():
     J = td.jacobian(model, x)
     ref = torch.func.vmap(torch.func.jacrev(lambda v: torch.special.i0(v).sum(-1, keepdim=True)))(x)
     torch.testing.assert_close(J, ref)
-    with pytest.raises(NotImplementedError, match="i0"):
-        td.hessian(model, x, method="forward")
+    for _ in range(2):  # the second time from the remembered failed build
+        with pytest.raises(NotImplementedError, match="i0"):
+            td.hessian(model, x, method="forward")
     with pytest.raises(NotImplementedError, match="i0"):
         td.partials(model, x, [(0, 0, 1)])

@@ -137,7 +137,8 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         batched: ``False`` treats ``x`` as one point.
         method: ``"forward"`` (Taylor mode, one generated forward pass), ``"reverse"`` (vector-Jacobian
             products vectorized over output directions) or ``"auto"`` (cost model: forward when the
-            input side is smaller, see :func:`torchderiv.choose_method`).
+            input side is smaller, see :func:`torchderiv.choose_method`; reverse when ``f`` uses an op that
+            PyTorch cannot differentiate in forward mode).
         chunk_size: propagate at most this many directions at once (bounds memory).
 
     Returns:
@@ -161,8 +162,14 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         return _jacobian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
-    return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
-                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)), fast_key=key)
+    try:
+        return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
+                      assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)), fast_key=key)
+    except NotImplementedError as e:
+        if method != "auto" or "method='reverse'" not in str(e):
+            raise
+        # an op PyTorch cannot differentiate in forward mode (grid_sampler_3d): "auto" takes reverse mode
+        return _jacobian_reverse(fname, f, x, batched, chunk_size)
 
 
 def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,

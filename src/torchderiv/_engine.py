@@ -205,6 +205,7 @@ class Entry:
     # what the trace depended on besides x (see :func:`fingerprint`); the entry is reused only while
     # it is unchanged. Holding ``constants`` keeps their ids from being reused by new tensors.
     fp: tuple = ()
+    error: str | None = None  # the build raised NotImplementedError: remembered, not retried every call
 
     def fresh(self, f) -> bool:
         return self.fp == fingerprint(f)
@@ -446,13 +447,20 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
+        if e.error is not None:
+            raise NotImplementedError(e.error)
         return e
     cap = captured(f, x, batched, fname)
-    gm = build(cap, plan, dirs, x, batched, outputs)
-    e = Entry(gm=gm, constants=cap.constants, fp=fingerprint(f))
+    try:
+        gm = build(cap, plan, dirs, x, batched, outputs)
+        e = Entry(gm=gm, constants=cap.constants, fp=fingerprint(f))
+    except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
+        e = Entry(gm=None, constants=cap.constants, fp=fingerprint(f), error=str(err))
     slot[key] = e
     while len(slot) > _PER_F:
         slot.popitem(last=False)
+    if e.error is not None:
+        raise NotImplementedError(e.error)
     return e
 
 
