@@ -19,7 +19,7 @@ from ._core import (
     traceable,
     validate,
 )
-from ._engine import fast_call, output_shape, reverse_function
+from ._engine import NoForwardDerivative, fast_call, output_shape, reverse_function
 
 __all__ = [
     "choose_method",
@@ -165,8 +165,8 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
     try:
         return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
                       assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)), fast_key=key)
-    except NotImplementedError as e:
-        if method != "auto" or "method='reverse'" not in str(e):
+    except NoForwardDerivative:
+        if method != "auto":
             raise
         # an op PyTorch cannot differentiate in forward mode (grid_sampler_3d): "auto" takes reverse mode
         return _jacobian_reverse(fname, f, x, batched, chunk_size)

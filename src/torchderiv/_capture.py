@@ -324,7 +324,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             bd[n] = q
             continue
         if name in ("slice_scatter", "select_scatter"):
-            d = (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) % o0.dim()
+            d = _arg(n, "dim", 0) % o0.dim()
             p_in, p_src = bd.get(args[0]), bd.get(args[1])
             if p_src is not None and name == "select_scatter":
                 p_src = p_src if p_src < d else p_src + 1
@@ -493,7 +493,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                     fail(n, "repeat tiles along the batch dimension")
                 bd[n] = q
             elif name == "roll":
-                dims = args[2] if len(args) > 2 else n.kwargs.get("dims", [])
+                dims = _arg(n, "dims", [])
                 dims = [dims] if isinstance(dims, int) else list(dims)
                 if not dims or p in [d % iv.dim() for d in dims]:
                     fail(n, "roll moves data between rows")
@@ -505,7 +505,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             p = bd[ins[0]]
             d = args[1] % _val(ins[0]).dim() if len(args) > 1 and isinstance(args[1], int) else 0
             if name in ("split", "split_with_sizes", "chunk"):
-                d = (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) % _val(ins[0]).dim()
+                d = _arg(n, "dim", 0) % _val(ins[0]).dim()
             if name == "index_select":
                 d = args[1] % _val(ins[0]).dim()
             if name == "unbind":
@@ -518,8 +518,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 bd[n] = p
         elif name in ("cat", "stack"):
             tensors = args[0]
-            d = args[1] if len(args) > 1 else n.kwargs.get("dim", 0)
-            d = d % o0.dim()
+            d = _arg(n, "dim", 0) % o0.dim()
             ps = set()
             for t in tensors:
                 if bd.get(t) is not None:
@@ -587,8 +586,7 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
         elif name == "diagonal":  # diagonal(x, offset, dim1, dim2): the diagonal becomes the last dim
             p = bd[ins[0]]
             nd = _val(ins[0]).dim()
-            d1 = (args[2] if len(args) > 2 else n.kwargs.get("dim1", 0)) % nd
-            d2 = (args[3] if len(args) > 3 else n.kwargs.get("dim2", 1)) % nd
+            d1, d2 = _arg(n, "dim1", 0) % nd, _arg(n, "dim2", 1) % nd
             if p in (d1, d2):
                 fail(n, "a diagonal across the batch dimension")
             bd[n] = p - sum(1 for d in (d1, d2) if d < p)

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from ._capture import Captured, capture, check_batch_independence
 from ._jet import Ctx, Jet
 from ._plan import Plan
-from ._rules import RULES, Unsupported, copy_out_of_place
+from ._rules import RULES, Unsupported, _select_scatter_op, _slice_scatter_op, copy_out_of_place
 
 _warned: set = set()
 
@@ -37,6 +37,10 @@ def _warn_once(key, msg):
 
 
 # ----------------------------------------------------------------------------- fallback
+
+
+class NoForwardDerivative(NotImplementedError):
+    """An op has no Taylor rule and PyTorch has no forward-mode formula for it: only reverse mode works."""
 
 
 def _fallback(ctx: Ctx, op, args, kwargs):
@@ -73,7 +77,7 @@ def _fallback(ctx: Ctx, op, args, kwargs):
         try:
             _, dy = torch.func.jvp(call, jp, tangents)
         except NotImplementedError as e:  # PyTorch has no forward-mode formula either (grid_sampler_3d ...)
-            raise NotImplementedError(
+            raise NoForwardDerivative(
                 f"torchderiv: no Taylor rule for `{name}`, and PyTorch has no forward-mode derivative for it "
                 f"({str(e).splitlines()[0]}). Use method='reverse' (jacobian, hessian), or replace the op in f."
             ) from e
@@ -205,7 +209,7 @@ class Entry:
     # what the trace depended on besides x (see :func:`fingerprint`); the entry is reused only while
     # it is unchanged. Holding ``constants`` keeps their ids from being reused by new tensors.
     fp: tuple = ()
-    error: str | None = None  # the build raised NotImplementedError: remembered, not retried every call
+    error: NotImplementedError | None = None  # the build raised it: remembered, not retried every call
 
     def fresh(self, f) -> bool:
         return self.fp == fingerprint(f)
@@ -399,8 +403,6 @@ def _patch_for_autograd(gm: fx.GraphModule) -> None:
     slice_scatter / select_scatter, so complex ones run on real views, as the forward rules do; and the
     backward of a slice under vmap overflows on the open end ``2**63 - 1`` of ``x[1:]``, so slice bounds
     are clamped to the dim's size."""
-    from ._rules import _select_scatter_op, _slice_scatter_op
-
     aten = torch.ops.aten
     swap = {aten.slice_scatter.default: _slice_scatter_op, aten.select_scatter.default: _select_scatter_op}
     bounds = {aten.slice.Tensor: 2, aten.slice_scatter.default: 3}  # position of start (end follows)
@@ -447,20 +449,18 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
-        if e.error is not None:
-            raise NotImplementedError(e.error)
-        return e
-    cap = captured(f, x, batched, fname)
-    try:
-        gm = build(cap, plan, dirs, x, batched, outputs)
-        e = Entry(gm=gm, constants=cap.constants, fp=fingerprint(f))
-    except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
-        e = Entry(gm=None, constants=cap.constants, fp=fingerprint(f), error=str(err))
-    slot[key] = e
-    while len(slot) > _PER_F:
-        slot.popitem(last=False)
+    else:
+        cap = captured(f, x, batched, fname)
+        try:
+            e = Entry(gm=build(cap, plan, dirs, x, batched, outputs), constants=cap.constants, fp=fingerprint(f))
+        except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
+            # a fresh copy: the caught one's traceback would keep the failed trace's frames alive
+            e = Entry(gm=None, constants=cap.constants, fp=fingerprint(f), error=type(err)(*err.args))
+        slot[key] = e
+        while len(slot) > _PER_F:
+            slot.popitem(last=False)
     if e.error is not None:
-        raise NotImplementedError(e.error)
+        raise type(e.error)(*e.error.args)
     return e
 
 

@@ -1040,14 +1040,22 @@ def _index(ctx, x, indices):
     return Jet(y, [None if X is None else aten.index.Tensor(full(X, x.p.shape), [None] + idx) for X in x.c])
 
 
+def _scatter_index(index: Tensor, rows: int) -> Tensor:
+    """``index`` repeated (a view) for every row of a coefficient: its dims shift past the stream dim."""
+    return index.unsqueeze(0).expand(rows, *index.shape)
+
+
+def _gather_coefs(x: Jet, d: int, index: Tensor) -> list:
+    """Every coefficient of ``x`` gathered at the primal's ``index`` along dim ``d``."""
+    return [None if X is None else torch.gather(full(X, x.p.shape), d + 1, _scatter_index(index, X.shape[0]))
+            for X in x.c]
+
+
 @rule(aten.gather.default)
 def _gather(ctx, x, dim, index, sparse_grad=False):
     _require_constant(index)
     d = _dim(dim, x.p.dim())
-    y = torch.gather(x.p, d, index)
-    return Jet(y, [None if X is None else torch.gather(full(X, x.p.shape), d + 1,
-                                                        index.unsqueeze(0).expand(X.shape[0], *index.shape))
-                   for X in x.c])
+    return Jet(torch.gather(x.p, d, index), _gather_coefs(x, d, index))
 
 
 @rule(aten.native_group_norm.default)
@@ -1120,10 +1128,6 @@ for _op in (aten.full_like.default, aten.zeros_like.default, aten.ones_like.defa
 # ============================================================================ scatters, windows, selections
 
 
-def _scatter_index(index: Tensor, rows: int) -> Tensor:
-    return index.unsqueeze(0).expand(rows, *index.shape)
-
-
 def _scatter_rule(op, reduce_pos=None):
     """``scatter`` / ``scatter_add`` / ``scatter_reduce`` ("sum", "mean"): for a fixed index the result is linear
     in ``(self, src)``, so each coefficient is the same scatter of the coefficients (scatter dim + 1)."""
@@ -1186,13 +1190,8 @@ def _take_along(ctx, x: Jet, values: Tensor, idx: Tensor, d: int, keepdim: bool 
     each coefficient gathered at the same indices."""
     if x.p.dim() == 0:
         return Jet(values, list(x.c))
-    i = idx if keepdim else idx.unsqueeze(d)
-
-    def fc(X):
-        out = torch.gather(full(X, x.p.shape), d + 1, _scatter_index(i, X.shape[0]))
-        return out if keepdim else out.squeeze(d + 1)
-
-    return Jet(values, [None if X is None else fc(X) for X in x.c])
+    cs = _gather_coefs(x, d, idx if keepdim else idx.unsqueeze(d))
+    return Jet(values, cs if keepdim else [None if X is None else X.squeeze(d + 1) for X in cs])
 
 
 def _values_rule(op, dim_pos, keepdim_pos=None):
