@@ -14,6 +14,7 @@ import torchderiv
 from torchderiv.__main__ import main
 from torchderiv.bench import SCENARIOS, Method, Scenario
 from torchderiv.bench import _methods as M
+from torchderiv.bench._peers import compile_available
 from torchderiv.bench._runner import compare, probe_memory_subprocess
 
 TESTS = Path(__file__).parent
@@ -203,3 +204,27 @@ def test_device_auto_resolves_to_what_torch_sees(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda"
     assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler for inductor on CPU")
+def test_compiled_pinn_step_agrees_and_skips_memory(monkeypatch, tmp_path, capsys):
+    """The pinn-poisson scenario's torch.compile row: same Laplacian and parameter gradients as the autograd
+    loop, its compilation reported as a note (not timed), and no memory probe (it would recompile)."""
+    from torchderiv.bench._peers import lap_autograd, pinn_step, pinn_step_compiled
+    from torchderiv.bench._scenarios import _seeded, mlp
+
+    base = "autograd.grad loop (create_graph) + backward"
+    name = "tiny-pinn-compiled"
+    sc = Scenario(name, "tiny PINN step with a compiled row",
+                  _seeded(lambda: M.Setup(mlp(3, 8, 8, 1), torch.rand(16, 3))),
+                  [Method(base, pinn_step(lap_autograd)),
+                   Method("compiled", pinn_step_compiled, kind="torchderiv", memory=False)],
+                  baseline=base, reference=base, op="laplacian+backward", hidden=True)
+    monkeypatch.setitem(SCENARIOS, name, sc)
+    js = tmp_path / "b.json"
+    assert main(["bench", name, *QUICK, "--memory", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "compiled: set-up (compilation, first call)" in out
+    m = {m["name"]: m for m in json.loads(js.read_text())["scenarios"][0]["methods"]}["compiled"]
+    assert m["agreed"] is True and m["max_rel_err"] < 1e-5
+    assert m["memory_method"] == "not measured for this method" and m["peak_memory_bytes"] is None

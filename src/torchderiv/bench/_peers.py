@@ -215,6 +215,58 @@ def pinn_step(lap_fn: Callable[[Callable, torch.Tensor], torch.Tensor]) -> Build
     return build
 
 
+def compile_available() -> bool:
+    """Whether ``torch.compile`` can compile here: inductor needs a C++ compiler for CPU code."""
+    import shutil
+
+    if os.environ.get("TORCHDERIV_BENCH_NO_COMPILE"):
+        return False
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no compiler backend
+        return False
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def pinn_step_compiled(s: Setup) -> Runner:
+    """:func:`pinn_step` of ``torchderiv.laplacian`` with the loss compiled by ``torch.compile``.
+
+    One eager call first builds torchderiv's cached graph, so dynamo traces through the cached call path
+    into the generated graph and compiles the loss, forward and backward, as one graph (the pattern of
+    docs/training.md). The compilation (the first compiled call) happens here, outside the timed runs; its
+    wall time is left on the runner as ``setup_seconds``. The autograd-loop baseline cannot take this route
+    (torch.compile does not support the double backward it needs)."""
+    import time
+
+    params = list(s.f.parameters())
+
+    def loss_fn(x):
+        lap = torchderiv.laplacian(s.f, x)
+        return (lap**2).mean(), lap
+
+    with torch.enable_grad():
+        loss_fn(s.x)
+        compiled = torch.compile(loss_fn)
+        t0 = time.perf_counter()
+        loss, _ = compiled(s.x)
+        loss.backward()
+        for p in params:
+            p.grad = None
+        secs = time.perf_counter() - t0
+
+    def run():
+        with torch.enable_grad():
+            for p in params:
+                p.grad = None
+            loss, lap = compiled(s.x)
+            loss.backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            return lap.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+    run.setup_seconds = secs  # type: ignore[attr-defined]
+    return run
+
+
 def lap_autograd(f, x):
     x = x.detach().requires_grad_(True)
     return M.ag_laplacian_graph(x, f(x), create_graph=True)

@@ -237,6 +237,9 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
         try:
             with _ctx(sc.no_grad):
                 run = m.build(s)
+            secs = getattr(run, "setup_seconds", None)
+            if secs is not None:
+                res.notes.append(f"{m.name}: set-up (compilation, first call) {secs:.1f} s, not timed")
             cands.append(Candidate(_wrap(run, sc.no_grad), once=m.slow or (quick and m.quick_once), scale=scale))
         except Exception as e:  # noqa: BLE001 - shown as ERROR, never hidden
             cands.append(Candidate(lambda: None, error=e))
@@ -307,6 +310,9 @@ def _ordered(sc: Scenario) -> list[Method]:
 
 
 def _memory(sc: Scenario, m: Method, setup: Setup, device, mr: MethodResult, probe_spec) -> None:
+    if not m.memory:
+        mr.memory_how = "not measured for this method"
+        return
     try:
         if device.type == "cuda":
             with _ctx(sc.no_grad):

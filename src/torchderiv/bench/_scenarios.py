@@ -19,6 +19,7 @@ from ._methods import Builder, Runner, Setup
 from ._peers import (
     af_jacobian_diagonal,
     backward_sampling,
+    compile_available,
     dde_available,
     dde_jacobian,
     dde_jet,
@@ -29,6 +30,7 @@ from ._peers import (
     lap_torchderiv,
     lap_vmap_hessian,
     pinn_step,
+    pinn_step_compiled,
     seed001_loop,
     td_jet,
 )
@@ -42,6 +44,7 @@ class Method:
     slow: bool = False  # timed once, without warm-up (the seeds' full Jacobians)
     quick_once: bool = False  # like slow, but only in --quick mode
     quick_sub_batch: int | None = None  # in --quick mode: time on the first rows, scale linearly
+    memory: bool = True  # measure its peak memory (False: a compiled method would recompile in the probe)
     # lays the method's own result out like the reference for the agreement check (not timed)
     standardize: Callable[[tuple], tuple] | None = None
 
@@ -205,6 +208,10 @@ def build_registry() -> None:
         Method("vmap(hessian) trace + backward", pinn_step(lap_vmap_hessian)),
         Method("torchderiv.laplacian + backward", pinn_step(lap_torchderiv), kind="torchderiv"),
     ]
+    if compile_available():
+        # informational: no target (the issue's figure is the eager one, above)
+        pinn.append(Method("torchderiv.laplacian + backward, torch.compile", pinn_step_compiled,
+                           kind="torchderiv", memory=False))
     if dde:
         pinn.append(Method("deepxde dde.grad.hessian + backward", pinn_step(lap_dde)))
     register(Scenario(
@@ -214,7 +221,11 @@ def build_registry() -> None:
         reference="autograd.grad loop (create_graph) + backward", op="laplacian+backward",
         targets=[Target("torchderiv.laplacian + backward", min_speedup=2)],
         notes=list(note) + ["pinn-poisson: times include the backward to the parameters; "
-                            "FPE is relative to the plain forward"]))
+                            "FPE is relative to the plain forward"]
+        + (["pinn-poisson: the torch.compile row compiles the torchderiv loss (forward and backward); it has "
+            "no target: the issue's figure is the eager row. The autograd loop cannot be compiled (double "
+            "backward)"] if compile_available() else
+           ["pinn-poisson: no torch.compile row (no C++ compiler for inductor, or TORCHDERIV_BENCH_NO_COMPILE)"])))
 
     register(Scenario(
         "biharmonic-d5", "biharmonic, 5->768->768->512->512->1 tanh, B=64, under torch.no_grad",
