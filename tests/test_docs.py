@@ -24,3 +24,35 @@ def test_coverage_table_is_generated_from_the_registry():
 def test_public_names():
     for name in torchderiv.__all__:
         assert getattr(torchderiv, name).__doc__, name
+
+
+def test_readme_several_inputs_pattern():
+    """README "Several inputs": partials of net(x, t) through the stacked coordinates equal torch.func's
+    per-input derivatives (argnums), in float64."""
+    import torch
+    from torch.func import jacrev, vmap
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+        def forward(self, x, t):
+            return self.body(torch.cat([x, t], 1))
+
+    net = Net().double()
+    x = torch.rand(5, 2, dtype=torch.float64)
+    t = torch.rand(5, 1, dtype=torch.float64)
+    d = torchderiv.partials(lambda z: net(z[:, :2], z[:, 2:]), torch.cat([x, t], 1), ["t", "xx", "yy"],
+                            coords="xyt")
+
+    def u(xi, ti):
+        return net(xi[None], ti[None])[0, 0]
+
+    u_t = vmap(jacrev(u, argnums=1))(x, t)[:, 0]
+    H = vmap(jacrev(jacrev(u, argnums=0), argnums=0))(x, t)
+    torch.testing.assert_close(d["t"][:, 0], u_t, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(d["xx"][:, 0], H[:, 0, 0], atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(d["yy"][:, 0], H[:, 1, 1], atol=1e-10, rtol=1e-8)
