@@ -183,6 +183,45 @@ def test_module_python_attribute_change_is_seen():
     assert_close(td.laplacian(net, x), ref_laplacian(net, x), msg="after use_sin = False")
 
 
+class _ScalarBuffer(nn.Module):
+    """Reads a buffer as a Python number (``self.k.item()``, ``float(self.k * 2)``): the trace bakes the
+    number in, so an in-place change of the buffer must be seen."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+        self.register_buffer("k", torch.tensor(1.5))
+        self.how = how
+
+    def forward(self, x):
+        c = self.k.item() if self.how == "item" else float(self.k * 2) if self.how == "derived" else int(self.k)
+        return torch.tanh(self.lin(x) * c)
+
+
+@pytest.mark.parametrize("how", ["item", "derived", "int"])
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_values_read_as_python_numbers_are_checked(how, method):
+    torch.manual_seed(0)
+    net = _ScalarBuffer(how).to(DT)
+    x = _x(3, 2)
+    assert_close(td.hessian(net, x, method=method), ref_hessian(net, x))
+    with torch.no_grad():
+        net.k.fill_(2.5)  # in place: same tensor object, new value
+    assert_close(td.hessian(net, x, method=method), ref_hessian(net, x), msg="after k = 2.5")
+    assert_close(td.jacobian(net, x, method=method), ref_jacobian(net, x), msg="after k = 2.5")
+    assert_close(td.laplacian(net, x), ref_laplacian(net, x), msg="after k = 2.5")
+
+
+def test_closure_tensor_read_as_python_number_is_checked():
+    s = torch.tensor(2.0, dtype=DT)
+    W = torch.randn(2, 4, dtype=DT)
+    f = lambda x: torch.sin(x @ W * float(s))  # noqa: E731
+    x = _x(3, 2)
+    assert_close(td.laplacian(f, x), ref_laplacian(f, x))
+    s.fill_(-0.5)
+    assert_close(td.laplacian(f, x), ref_laplacian(f, x), msg="after s = -0.5")
+
+
 def test_train_eval_switch():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)

@@ -11,11 +11,13 @@ autograd flows to them.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 
 from ._rules import RULES
 
@@ -31,6 +33,9 @@ class Captured:
     gm: fx.GraphModule
     constants: list[torch.Tensor]  # the tensors fed to placeholders 1.. at call time
     out_val: object = None  # fake value of the output (shape and dtype of f(x))
+    # tensors whose values the trace read as Python numbers (``t.item()``, ``float(t)``): the numbers are
+    # baked into the graph, which is valid only while these tensors keep their values
+    reads: list[torch.Tensor] = field(default_factory=list)
 
 
 def _cdist(x1, x2, p, compute_mode=None):
@@ -93,19 +98,63 @@ def _writes_into_view(n: fx.Node) -> bool:
     return getattr(dst.target, "__name__", "").split(".")[0] in _VIEW_OPS
 
 
-def _trace(f, fake_x: torch.Tensor) -> fx.GraphModule:
+_SCALAR_READS = frozenset({"item", "__float__", "__int__", "__index__", "__bool__", "__complex__", "tolist"})
+
+
+class _ScalarReads(TorchFunctionMode):
+    """Records the tensors of ``f``'s own state (parameters, buffers, closed-over tensors) whose values
+    ``f`` reads as Python numbers while it is traced (``self.scale.item()``, ``float(k)``). The trace
+    bakes such a number into the graph; the cache entry must then also check the tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (getattr(func, "__name__", None) in _SCALAR_READS and args and isinstance(args[0], torch.Tensor)
+                and not is_fake(args[0]) and all(args[0] is not t for t in self.tensors)):
+            # values computed during the trace are fake; their sources are found in the graph (_reads)
+            self.tensors.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _reads(gm: fx.GraphModule, direct: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``direct`` plus the constant tensors that a value read as a Python number was computed from
+    (``float(k * 2)`` leaves an ``_local_scalar_dense`` node whose inputs lead back to ``k``)."""
+    out = list(direct)
+    stack = [n for n in gm.graph.nodes if n.target is aten._local_scalar_dense.default]
+    seen: set = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            t = getattr(gm, n.target, None)
+            if isinstance(t, torch.Tensor) and all(t is not u for u in out):
+                out.append(t)
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+def _trace(f, fake_x: torch.Tensor) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     """``make_fx`` of ``f``, functionalized: in-place ops (also on views: ``y[:, :2].tanh_()``,
     ``y[..., 1:] = v``) become out-of-place ops and ``*_scatter``, so every value in the graph is
-    computed once and rules never see a mutation."""
+    computed once and rules never see a mutation. Also returns the tensors whose values the trace read
+    as Python numbers (:class:`_ScalarReads`)."""
+    rec = _ScalarReads()
 
     def call(x):  # one positional argument whatever f's signature (defaults, bound methods)
-        return f(x)
+        with rec:
+            return f(x)
 
     try:
-        return make_fx(torch.func.functionalize(call, remove="mutations"), tracing_mode="fake",
-                       _allow_non_fake_inputs=True)(fake_x)
+        gm = make_fx(torch.func.functionalize(call, remove="mutations"), tracing_mode="fake",
+                     _allow_non_fake_inputs=True)(fake_x)
     except Exception:  # noqa: BLE001 - retry without functionalization; the engine handles plain in-place ops
-        return make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+        rec.tensors.clear()
+        gm = make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
+    return gm, _reads(gm, rec.tensors)
 
 
 def capture(f, x: torch.Tensor) -> Captured:
@@ -117,7 +166,7 @@ def capture(f, x: torch.Tensor) -> Captured:
 
 def _capture(f, fake_x: torch.Tensor) -> Captured:
     try:
-        gm = _trace(f, fake_x)
+        gm, reads = _trace(f, fake_x)
         for _ in range(4):  # decompose ops that have no rule, until nothing changes
             table = _decompositions_for(gm)
             if not table:
@@ -156,7 +205,7 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
             constants.append(t)
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm=gm, constants=constants)
+    return Captured(gm=gm, constants=constants, reads=reads)
 
 
 # ----------------------------------------------------------------------------- batch independence

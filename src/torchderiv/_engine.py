@@ -210,9 +210,19 @@ class Entry:
     # it is unchanged. Holding ``constants`` keeps their ids from being reused by new tensors.
     fp: tuple = ()
     error: NotImplementedError | None = None  # the build raised it: remembered, not retried every call
+    # (tensor, its value when traced) for tensors the trace read as Python numbers (Captured.reads)
+    reads: tuple = ()
 
     def fresh(self, f) -> bool:
-        return self.fp == fingerprint(f)
+        return self.fp == fingerprint(f) and all(
+            t.shape == v.shape and torch.equal(t, v) for t, v in self.reads)
+
+
+def _state(f, cap: Captured) -> dict:
+    """What an entry built from ``cap`` stays valid for: ``f``'s fingerprint and the values it read."""
+    with torch.no_grad():
+        reads = tuple((t, t.detach().clone()) for t in cap.reads)
+    return {"fp": fingerprint(f), "reads": reads}
 
 
 _SIMPLE = (int, float, bool, str, bytes, complex, type(None))
@@ -356,7 +366,7 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     if batched:
         check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
     _check_traced_output(fname, cap.out_val, x, batched)
-    slot[key] = (cap, Entry(gm=None, constants=cap.constants, fp=fingerprint(f)))
+    slot[key] = (cap, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return cap
 
 
@@ -391,7 +401,7 @@ def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) ->
             gm = make_fx(cap.gm, decomposition_table=table, tracing_mode="fake",
                          _allow_non_fake_inputs=True)(fake_x, *[c.detach() for c in consts])
         _patch_for_autograd(gm)
-        e = Entry(gm=gm, constants=consts, fp=fingerprint(f))
+        e = Entry(gm=gm, constants=consts, **_state(f, cap))
         slot[key] = e
     gm, consts = e.gm, e.constants
     return lambda xx: gm(xx, *consts)
@@ -452,10 +462,10 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     else:
         cap = captured(f, x, batched, fname)
         try:
-            e = Entry(gm=build(cap, plan, dirs, x, batched, outputs), constants=cap.constants, fp=fingerprint(f))
+            e = Entry(gm=build(cap, plan, dirs, x, batched, outputs), constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive
-            e = Entry(gm=None, constants=cap.constants, fp=fingerprint(f), error=type(err)(*err.args))
+            e = Entry(gm=None, constants=cap.constants, error=type(err)(*err.args), **_state(f, cap))
         slot[key] = e
         while len(slot) > _PER_F:
             slot.popitem(last=False)
