@@ -222,6 +222,70 @@ def test_closure_tensor_read_as_python_number_is_checked():
     assert_close(td.laplacian(f, x), ref_laplacian(f, x), msg="after s = -0.5")
 
 
+class _Private(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+        self._w0 = 1.0  # a private attribute, changed between calls
+
+    def forward(self, x):
+        return torch.sin(self.lin(x) * self._w0)
+
+
+def test_private_python_attribute_change_is_seen():
+    torch.manual_seed(0)
+    net = _Private().to(DT)
+    x = _x(3, 2)
+    assert_close(td.laplacian(net, x), ref_laplacian(net, x))
+    net._w0 = 3.0
+    assert_close(td.laplacian(net, x), ref_laplacian(net, x), msg="after _w0 = 3")
+    assert_close(td.jacobian(net, x, method="reverse"), ref_jacobian(net, x), msg="after _w0 = 3")
+
+
+def test_forward_hooks_added_and_removed_are_seen():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    x = _x(3, 2)
+    assert_close(td.hessian(net, x), ref_hessian(net, x))
+    h = net[1].register_forward_hook(lambda mod, inp, out: out * out)
+    assert_close(td.hessian(net, x), ref_hessian(net, x), msg="after a forward hook")
+    h.remove()
+    p = net[0].register_forward_pre_hook(lambda mod, inp: (inp[0] * 2.0,))
+    assert_close(td.hessian(net, x), ref_hessian(net, x), msg="after a forward pre-hook")
+    p.remove()
+    assert_close(td.hessian(net, x), ref_hessian(net, x), msg="after removing the hooks")
+
+
+_GAIN = 1.0  # module-level setting read by _GlobalGain.forward
+
+
+class _GlobalGain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return torch.tanh(self._body(x))
+
+    def _body(self, x):
+        return self.lin(x) * _GAIN
+
+
+def test_module_global_rebinding_is_seen():
+    """A global that a module's own methods read (here through a helper method) is rebound."""
+    global _GAIN
+    torch.manual_seed(0)
+    net = _GlobalGain().to(DT)
+    x = _x(3, 2)
+    try:
+        assert_close(td.laplacian(net, x), ref_laplacian(net, x))
+        _GAIN = 2.5
+        assert_close(td.laplacian(net, x), ref_laplacian(net, x), msg="after _GAIN = 2.5")
+        assert_close(td.jacobian(net, x), ref_jacobian(net, x), msg="after _GAIN = 2.5")
+    finally:
+        _GAIN = 1.0
+
+
 def test_train_eval_switch():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)

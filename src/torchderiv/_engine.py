@@ -252,7 +252,7 @@ def _fp_module(m: torch.nn.Module, out: list) -> None:
     d = m.__dict__
     out.append(id(m))
     for k, v in d.items():
-        if k[0] != "_":
+        if k not in _MODULE_INTERNALS:  # public and private attributes (self.w0, self._scale)
             out.append(k)
             if type(v) in _SIMPLE_TYPES:
                 out.append(v)
@@ -262,9 +262,55 @@ def _fp_module(m: torch.nn.Module, out: list) -> None:
     out.extend(d["_parameters"])
     out.extend(map(id, d["_buffers"].values()))
     out.extend(d["_buffers"])
+    for hk in _HOOKS:  # hooks change what the module computes (handles are unique ids)
+        h = d.get(hk)
+        if h:
+            out.append(hk)
+            out.extend(h)
+    cls = type(m)
+    g = _CLASS_GLOBALS.get(cls)
+    if g is None:
+        g = _CLASS_GLOBALS[cls] = _class_globals(cls)
+    for gd, names in g:  # globals the class's own methods read (SCALE = 2.0 rebound between calls)
+        for name in names:
+            v = gd.get(name, _MISSING)
+            if type(v) in _SIMPLE_TYPES:
+                out.append(v)
+            elif not isinstance(v, (type, types.ModuleType)):
+                out.append(id(v))
     for sub in d["_modules"].values():
         if sub is not None:
             _fp_module(sub, out)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# nn.Module's own bookkeeping: the parameter/buffer/submodule dicts are fingerprinted by identity above,
+# the hook dicts by their handles; state-dict hooks do not change what forward computes
+_MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
+_CLASS_GLOBALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _class_globals(cls: type) -> list[tuple[dict, tuple[str, ...]]]:
+    """For each function defined on ``cls`` or its bases outside torch: its globals dict and the names
+    its code (nested functions included) reads from there. torch's own modules read nothing that changes."""
+    res = []
+    for k in cls.__mro__:
+        if k.__module__.split(".")[0] in ("torch", "builtins"):
+            continue
+        for fn in vars(k).values():
+            fn = getattr(fn, "__func__", fn)  # static and class methods
+            code = getattr(fn, "__code__", None)
+            if code is None:
+                continue
+            names: list[str] = []
+            stack = [code]
+            while stack:
+                c = stack.pop()
+                names.extend(c.co_names)
+                stack.extend(cc for cc in c.co_consts if isinstance(cc, types.CodeType))
+            gd = fn.__globals__
+            res.append((gd, tuple(n for n in dict.fromkeys(names) if n in gd)))
+    return res
 
 
 _SIMPLE_TYPES = frozenset(_SIMPLE)
@@ -297,10 +343,12 @@ _MISSING = object()
 
 def fingerprint(f) -> tuple:
     """The state a trace of ``f`` depends on besides its input: for a module, the identity of every
-    submodule, parameter and buffer, training flags and plain Python attributes (``self.w0 = 3.0``);
-    for a function, its closure variables, defaults and the globals it names (rebinding ``W = ...``).
+    submodule, parameter and buffer, training flags, plain Python attributes (``self.w0 = 3.0``, private
+    ones too), forward/backward hooks, and the globals read by the methods of classes defined outside
+    torch; for a function, its closure variables, defaults and the globals it names (rebinding ``W = ...``).
     In-place updates of tensors (optimizer steps, ``load_state_dict``) keep the identities: the
-    generated graphs read the live tensors."""
+    generated graphs read the live tensors. Values of tensors that ``f`` read as Python numbers are
+    checked separately (``Entry.reads``)."""
     out: list = []
     if isinstance(f, torch.nn.Module):
         _fp_module(f, out)
