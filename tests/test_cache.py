@@ -286,6 +286,47 @@ def test_module_global_rebinding_is_seen():
         _GAIN = 1.0
 
 
+class _Wrapper:
+    """A plain (non-Module) callable class around a net, as some training codes write it."""
+
+    def __init__(self, net, scale):
+        self.net, self.scale = net, scale
+
+    def __call__(self, x):
+        return torch.sin(self.net(x) * self.scale)
+
+    def u(self, x):
+        return torch.tanh(self.net(x)) * self.scale
+
+
+def test_callable_object_and_bound_method_state_is_seen():
+    torch.manual_seed(0)
+    w = _Wrapper(nn.Linear(2, 2).to(DT), 1.0)
+    x = _x(3, 2)
+    for f in (w, w.u):
+        w.scale = 1.0
+        assert_close(td.laplacian(f, x), ref_laplacian(f, x))
+        w.scale = 3.0
+        assert_close(td.laplacian(f, x), ref_laplacian(f, x), msg="after scale = 3")
+    w.net = nn.Linear(2, 2).to(DT)
+    assert_close(td.jacobian(w, x), ref_jacobian(w, x), msg="after replacing the net")
+
+
+def test_partial_state_is_seen():
+    import functools
+
+    def g(x, net, s):
+        return torch.sin(net(x) * s)
+
+    torch.manual_seed(0)
+    net = nn.Linear(2, 2).to(DT)
+    f = functools.partial(g, net=net, s=1.0)
+    x = _x(3, 2)
+    assert_close(td.jacobian(f, x), ref_jacobian(f, x))
+    net.weight = nn.Parameter(torch.randn(2, 2, dtype=DT))
+    assert_close(td.jacobian(f, x), ref_jacobian(f, x), msg="after replacing the weight")
+
+
 def test_train_eval_switch():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(DT)

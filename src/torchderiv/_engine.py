@@ -9,6 +9,7 @@ captured constants (parameters, buffers) as inputs, so an ordinary backward reac
 
 from __future__ import annotations
 
+import functools
 import operator
 import types
 import warnings
@@ -230,7 +231,8 @@ _SIMPLE = (int, float, bool, str, bytes, complex, type(None))
 
 def _fp_value(v, out: list, depth: int) -> None:
     """Append what a trace may have read from ``v``: values of Python scalars, identities of tensors,
-    functions and modules, and the state of modules and closures (recursively, ``depth`` levels)."""
+    functions and modules, and the state of modules, closures, ``functools.partial`` objects and plain
+    objects (a callable class wrapping a net; recursively, ``depth`` levels)."""
     if isinstance(v, _SIMPLE):
         out.append(v)
     elif isinstance(v, torch.Tensor):
@@ -241,10 +243,34 @@ def _fp_value(v, out: list, depth: int) -> None:
         out.append(len(v))
         for a in v:
             _fp_value(a, out, depth)
+    elif isinstance(v, dict) and len(v) <= 16:
+        out.append(len(v))
+        for k, a in v.items():
+            out.append(k if isinstance(k, _SIMPLE) else id(k))
+            _fp_value(a, out, depth)
+    elif isinstance(v, functools.partial):
+        out.append(id(v))
+        _fp_value(v.func, out, depth)
+        _fp_value(v.args, out, depth)
+        _fp_value(v.keywords, out, depth)
     elif depth > 0 and (hasattr(v, "__code__") or hasattr(v, "__func__")):
         _fp_function(v, out, depth - 1)
+    elif depth > 0 and _plain_object(v):
+        out.append(id(v))
+        _fp_globals(type(v), out)
+        d = vars(v)
+        out.append(len(d))
+        for k, a in list(d.items())[:32]:
+            out.append(k)
+            _fp_value(a, out, depth - 1)
     else:
         out.append(id(type(v)))
+
+
+def _plain_object(v) -> bool:
+    """An instance of a user class with attributes (not a type, module, function or torch object)."""
+    return (hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType))
+            and type(v).__module__.split(".")[0] not in ("torch", "builtins"))
 
 
 def _fp_module(m: torch.nn.Module, out: list) -> None:
@@ -267,17 +293,7 @@ def _fp_module(m: torch.nn.Module, out: list) -> None:
         if h:
             out.append(hk)
             out.extend(h)
-    cls = type(m)
-    g = _CLASS_GLOBALS.get(cls)
-    if g is None:
-        g = _CLASS_GLOBALS[cls] = _class_globals(cls)
-    for gd, names in g:  # globals the class's own methods read (SCALE = 2.0 rebound between calls)
-        for name in names:
-            v = gd.get(name, _MISSING)
-            if type(v) in _SIMPLE_TYPES:
-                out.append(v)
-            elif not isinstance(v, (type, types.ModuleType)):
-                out.append(id(v))
+    _fp_globals(type(m), out)
     for sub in d["_modules"].values():
         if sub is not None:
             _fp_module(sub, out)
@@ -288,6 +304,20 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 # the hook dicts by their handles; state-dict hooks do not change what forward computes
 _MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
 _CLASS_GLOBALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fp_globals(cls: type, out: list) -> None:
+    """The globals read by the methods of ``cls`` (``SCALE = 2.0`` rebound between calls)."""
+    g = _CLASS_GLOBALS.get(cls)
+    if g is None:
+        g = _CLASS_GLOBALS[cls] = _class_globals(cls)
+    for gd, names in g:
+        for name in names:
+            v = gd.get(name, _MISSING)
+            if type(v) in _SIMPLE_TYPES:
+                out.append(v)
+            elif not isinstance(v, (type, types.ModuleType)):
+                out.append(id(v))
 
 
 def _class_globals(cls: type) -> list[tuple[dict, tuple[str, ...]]]:
@@ -352,8 +382,10 @@ def fingerprint(f) -> tuple:
     out: list = []
     if isinstance(f, torch.nn.Module):
         _fp_module(f, out)
-    else:
+    elif hasattr(f, "__code__") or hasattr(f, "__func__"):
         _fp_function(f, out, 2)
+    else:  # functools.partial, an instance of a callable class
+        _fp_value(f, out, 2)
     return tuple(out)
 
 
