@@ -9,6 +9,7 @@ captured constants (parameters, buffers) as inputs, so an ordinary backward reac
 
 from __future__ import annotations
 
+import functools
 import operator
 import types
 import warnings
@@ -190,8 +191,14 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
     # tensors made while building (seeds, index and coefficient tables) are kept in the graph: never
     # inference tensors, which could not take part in a later call that autograd records
     with torch.inference_mode(False), torch.no_grad():
-        consts = [c.detach() for c in cap.constants]
-        xb = x.detach().clone() if x.is_inference() else x.detach()
+        # building runs the ops for real: buffers that f updates in place (spectral_norm's power iteration in
+        # training mode) are written in copies, so that only the calls of the graph advance them
+        written = {n.args[0] for n in cap.gm.graph.nodes
+                   if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                   and n.target._schema.is_mutable and n.args and isinstance(n.args[0], fx.Node)}
+        holders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][1:]
+        consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
+        xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
         s = seeds(dirs, x, batched)
         gm = make_fx(taylor)(xb, *consts)
     gm.graph.eliminate_dead_code()
@@ -231,8 +238,16 @@ def _fp_value(v, out: list, depth: int) -> None:
         out.append(len(v))
         for a in v:
             _fp_value(a, out, depth)
-    elif depth > 0 and (hasattr(v, "__code__") or hasattr(v, "__func__")):
+    elif isinstance(v, dict) and len(v) <= 16:  # state = {"W": W} rebound to a new tensor
+        out.append(len(v))
+        for k, a in v.items():
+            out.append(k if isinstance(k, _SIMPLE) else id(k))
+            _fp_value(a, out, depth)
+    elif depth > 0 and (hasattr(v, "__code__") or hasattr(v, "__func__") or isinstance(v, functools.partial)):
         _fp_function(v, out, depth - 1)
+    elif depth > 0 and type(v).__module__ != "builtins" and len(getattr(v, "__dict__", ())) <= 16:
+        out.append(id(v))  # a plain object a closure reads attributes of (self.W of a non-Module class)
+        _fp_value(dict(v.__dict__), out, depth - 1)
     else:
         out.append(id(type(v)))
 
@@ -261,6 +276,13 @@ _SIMPLE_TYPES = frozenset(_SIMPLE)
 
 
 def _fp_function(f, out: list, depth: int) -> None:
+    if isinstance(f, functools.partial):  # its function, bound arguments and keywords
+        out.append(id(f))
+        _fp_value((f.args, f.keywords), out, depth)
+        f = f.func
+        if isinstance(f, torch.nn.Module):
+            _fp_module(f, out)
+            return
     if hasattr(f, "__func__"):  # bound method: its instance and its function
         _fp_value(f.__self__, out, depth)
         f = f.__func__
@@ -394,7 +416,9 @@ def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) ->
         e = Entry(gm=gm, constants=consts, fp=fingerprint(f))
         slot[key] = e
     gm, consts = e.gm, e.constants
-    return lambda xx: gm(xx, *consts)
+    # the graph was traced at a contiguous x: its views assume those strides (channels_last, expanded or
+    # transposed inputs would fail in `view` or in an in-place write)
+    return lambda xx: gm(xx.contiguous(), *consts)
 
 
 def _patch_for_autograd(gm: fx.GraphModule) -> None:
@@ -465,7 +489,7 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
 
 
 def run(entry: Entry, x: torch.Tensor):
-    return entry.gm(x, *entry.constants)
+    return entry.gm(x.contiguous(), *entry.constants)
 
 
 # ----------------------------------------------------------------------------- fast path
