@@ -485,6 +485,13 @@ def test_closure_over_dict_rebinding_is_not_stale():
     h.W = 3 * W
     close(td.jacobian(g, x), loop_ref(g, x, 1), "jacobian after rebinding an attribute of a plain object")
 
+    dtype, device = DT, torch.device("cpu")  # closure values without a __dict__
+
+    def k(x):
+        return torch.sin(x).to(dtype).to(device)
+
+    close(td.jacobian(k, x), loop_ref(k, x, 1), "closure over a dtype and a device")
+
 
 def test_torch_compile_module_is_traced_not_fallen_back():
     torch.manual_seed(2)

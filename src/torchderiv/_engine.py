@@ -245,7 +245,8 @@ def _fp_value(v, out: list, depth: int) -> None:
             _fp_value(a, out, depth)
     elif depth > 0 and (hasattr(v, "__code__") or hasattr(v, "__func__") or isinstance(v, functools.partial)):
         _fp_function(v, out, depth - 1)
-    elif depth > 0 and type(v).__module__ != "builtins" and len(getattr(v, "__dict__", ())) <= 16:
+    elif (depth > 0 and type(v).__module__ != "builtins" and isinstance(getattr(v, "__dict__", None), dict)
+          and len(v.__dict__) <= 16):
         out.append(id(v))  # a plain object a closure reads attributes of (self.W of a non-Module class)
         _fp_value(dict(v.__dict__), out, depth - 1)
     else:
