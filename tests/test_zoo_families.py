@@ -627,3 +627,19 @@ def test_index_select_of_a_constant_table_at_per_row_indices_is_not_mixing():
     x = torch.randn(4, 3, dtype=DT)
     close(td.jacobian(f, x), loop_ref(f, x, 1), "index_select of a constant table")
     close(td.hessian(f, x), loop_ref(f, x, 2), "index_select of a constant table (hessian)")
+
+
+def test_gather_of_a_constant_table_at_per_row_indices_is_not_mixing():
+    """gather(table, 0, idx) with a constant table and idx [B, d] computed from x: entry (b, j) reads idx[b, j]
+    only; the check refused it as a gather along the batch dim (a piecewise-linear lookup table)."""
+    table = torch.randn(6, 3, dtype=DT, generator=torch.Generator().manual_seed(7))
+
+    def f(x):
+        u = torch.sigmoid(x) * 4.999
+        i = torch.floor(u).long()
+        w = u - i
+        return torch.sin((1 - w) * torch.gather(table, 0, i) + w * torch.gather(table, 0, i + 1)) * x
+
+    x = torch.randn(4, 3, dtype=DT)
+    close(td.jacobian(f, x), loop_ref(f, x, 1), "gather of a constant table")
+    close(td.hessian(f, x), loop_ref(f, x, 2), "gather of a constant table (hessian)")

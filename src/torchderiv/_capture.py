@@ -672,6 +672,8 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             else:  # gather(x, dim, index): out[i] = x[i with i_dim replaced by index[i]], shaped like index
                 d = args[1] % o0.dim()
                 ps = {bd[a] for a in ins}
+                if bd.get(args[0]) is None:  # a constant table: entry i reads index[i] only, whatever dim is
+                    d = None
                 if len(ps) != 1 or d in ps:
                     fail(n, "gathering along the batch dimension")
                 bd[n] = ps.pop()
