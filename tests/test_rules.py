@@ -545,6 +545,22 @@ case("kthvalue_keepdim", lambda x: torch.kthvalue(torch.sin(h(x)) * h2(x), 4, -1
      [aten.kthvalue.default])
 case("median_dim", lambda x: torch.sin(torch.median(torch.sin(h(x)) * h2(x), 1)[0]) * h(x)[:, 0],
      [aten.median.dim])
+case("max_dim", lambda x: torch.sin(torch.max(torch.sin(h(x)) * h2(x), 1)[0]) * h(x)[:, 0], [aten.max.dim])
+case("min_dim_keepdim", lambda x: torch.min(torch.sin(h(x)) * h2(x), -1, keepdim=True)[0] * h(x), [aten.min.dim])
+case("max_default_unbatched", lambda x: torch.sin(x @ W).max() * torch.cos(x @ W2), [aten.max.default],
+     batched=False)
+case("min_default_unbatched", lambda x: torch.exp(torch.sin(x @ W).min()) * x, [aten.min.default], batched=False)
+case("nanmedian_dim", lambda x: torch.nanmedian(torch.sin(h(x)) * h2(x), 1, keepdim=True)[0] * h(x),
+     [aten.nanmedian.dim])
+case("mode_dim", lambda x: torch.mode(torch.round(h(x)) + 0.0 * h2(x), -1)[0] * x[:, 0], [aten.mode.default])
+case("remainder_scalar", lambda x: torch.sin(torch.remainder(h(x), 1.3)) * h2(x), [aten.remainder.Scalar])
+case("remainder_tensor", lambda x: torch.remainder(torch.sin(h(x)) + 2.0, torch.cos(h2(x)) + 1.5) ** 2,
+     [aten.remainder.Tensor])
+case("fmod_scalar", lambda x: torch.fmod(h(x), 0.9) * torch.cos(h2(x)), [aten.fmod.Scalar])
+case("fmod_tensor", lambda x: torch.tanh(torch.fmod(h(x) * 2.0, torch.exp(h2(x) * 0.3) + 0.5)),
+     [aten.fmod.Tensor])
+case("pow_tensor_const_exponent", lambda x: (hpos(x).unsqueeze(-1) ** torch.tensor([0.0, 1.0, 2.0, 2.5], dtype=DT))
+     .flatten(1), [aten.pow.Tensor_Tensor], **POS)
 case("cummax", lambda x: torch.sin(torch.cummax(torch.sin(h(x)) * h2(x), 1)[0]), [aten.cummax.default])
 case("cummin", lambda x: torch.cummin(torch.sin(h(x)) * h2(x), -1)[0] * h(x), [aten.cummin.default])
 case("upsample_bicubic2d", lambda x: torch.sin(F.interpolate(torch.sin(x) * x, scale_factor=2, mode="bicubic",

@@ -110,6 +110,7 @@ def _hessian_reverse(fname, f, x, batched, chunk_size):
         H = torch.func.jacfwd(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size))
         return map_samples(H, x) if batched else H(x)
     g = reverse_function(f, x, batched, fname)
+    x = x.contiguous()  # an expanded x (one memory location for several entries) cannot carry a jvp tangent
     if not batched:
         return torch.func.jacfwd(torch.func.jacrev(g, chunk_size=chunk_size))(x)
     # forward over reverse on the whole batch: rows do not interact, so a tangent e_i in every row

@@ -144,21 +144,51 @@ def _trace(f, fake_x: torch.Tensor) -> tuple[fx.GraphModule, list[torch.Tensor]]
     as Python numbers (:class:`_ScalarReads`)."""
     rec = _ScalarReads()
 
+    backward_ran = []
+
+    def unpack(t):
+        backward_ran.append(True)
+        return t
+
     def call(x):  # one positional argument whatever f's signature (defaults, bound methods)
-        with rec:
-            return f(x)
+        # a backward pass inside f (torch.autograd.grad of an energy, a Hamiltonian vector field) unpacks saved
+        # tensors; the trace records them detached, so the graph would silently drop their derivatives
+        with rec, torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            y = f(x)
+        if backward_ran:
+            raise _BackwardInside
+        return y
 
     try:
         gm = make_fx(torch.func.functionalize(call, remove="mutations"), tracing_mode="fake",
                      _allow_non_fake_inputs=True)(fake_x)
+    except _BackwardInside:
+        raise
     except Exception:  # noqa: BLE001 - retry without functionalization; the engine handles plain in-place ops
         rec.tensors.clear()
+        backward_ran.clear()
         gm = make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(fake_x)
     return gm, _reads(gm, rec.tensors)
 
 
+class _BackwardInside(TraceError):
+    def __init__(self):
+        super().__init__("f runs a backward pass inside (torch.autograd.grad / backward); its trace would drop "
+                         "the derivatives of the tensors autograd saved")
+
+
+def _uncompiled(f):
+    """The eager module or function behind ``torch.compile(f)``: make_fx cannot trace a dynamo-optimized one."""
+    orig = getattr(f, "_orig_mod", None)  # torch._dynamo.OptimizedModule
+    if isinstance(f, torch.nn.Module) and isinstance(orig, torch.nn.Module):
+        return orig
+    orig = getattr(f, "_torchdynamo_orig_callable", None)  # torch.compile(function)
+    return f if orig is None or isinstance(f, torch.nn.Module) else orig
+
+
 def capture(f, x: torch.Tensor) -> Captured:
     """Trace ``f`` at an input like ``x``; ops without a rule are decomposed where torch knows how."""
+    f = _uncompiled(f)
     with torch.inference_mode(False):
         fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return _capture(f, fake_x)
@@ -180,12 +210,15 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
             with torch.no_grad():
                 gm = make_fx(torch.func.functionalize(gm, remove="mutations"), tracing_mode="fake",
                              _allow_non_fake_inputs=True)(fake_x)
+    except TraceError:
+        raise
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not a static graph"
         raise TraceError(f"{type(e).__name__}: {e}") from e
     if any(_writes_into_view(n) for n in _mutating_nodes(gm)):
         # never silently wrong: a jet cannot follow a write through an alias; torch.func can
         raise TraceError("f writes in place into a view of an intermediate tensor, which the Taylor "
                          "transform cannot follow")
+    _out_variants_as_copies(gm)
     gm.graph.eliminate_dead_code()
     # lift get_attr tensors to placeholders
     constants: list[torch.Tensor] = []
@@ -208,6 +241,56 @@ def _capture(f, fake_x: torch.Tensor) -> Captured:
     return Captured(gm=gm, constants=constants, reads=reads)
 
 
+def _functional_overload(op: torch._ops.OpOverload):
+    """The overload of ``op``'s packet taking the same arguments without ``out=`` (``div.out`` -> ``div.Tensor``)."""
+    names = [a.name for a in op._schema.arguments if not a.is_out]
+    packet = getattr(aten, op._schema.name.split("::")[-1])
+    for o in packet.overloads():
+        cand = getattr(packet, o)
+        args = cand._schema.arguments
+        if not any(a.is_out for a in args) and not cand._schema.is_mutable and [a.name for a in args] == names:
+            return cand
+    return None
+
+
+def _out_variants_as_copies(gm: fx.GraphModule) -> None:
+    """Rewrite ``op(*args, out=t)`` as ``t.copy_(op(*detached args))``.
+
+    ``out=`` variants are what a module's own bookkeeping records when it updates a buffer under
+    ``torch.no_grad()`` (spectral_norm's power iteration in training mode); tracing forgets the ``no_grad``, and
+    running the recorded op with arguments that require grad raises. Autograd refuses ``out=`` ops on tensors
+    that require grad, so detaching the arguments changes nothing where ``f`` itself runs. A value written this
+    way that depends on ``x`` would be read back as a constant (a wrong derivative): refused."""
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    from_x = {x}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if any(a in from_x for a in n.all_input_nodes):
+            from_x.add(n)
+        op = n.target
+        if not isinstance(op, torch._ops.OpOverload) or not any(a.is_out for a in op._schema.arguments):
+            continue
+        outs = [a.name for a in op._schema.arguments if a.is_out]
+        functional = _functional_overload(op)
+        if n in from_x or len(outs) != 1 or functional is None or not isinstance(n.kwargs.get(outs[0]), fx.Node):
+            raise TraceError(f"f calls `{op}` with out=, writing a value that depends on x (or of a form "
+                             "torchderiv cannot rewrite) into an existing tensor; compute it out of place")
+        with gm.graph.inserting_before(n):
+            def detached(a):
+                return gm.graph.call_function(aten.detach.default, (a,)) if isinstance(a, fx.Node) else a
+
+            args = tuple(detached(a) for a in n.args)
+            kwargs = {k: detached(v) for k, v in n.kwargs.items() if k != outs[0]}
+            val = gm.graph.call_function(functional, args, kwargs)
+            new = gm.graph.call_function(aten.copy_.default, (n.kwargs[outs[0]], val))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+
+
 # ----------------------------------------------------------------------------- batch independence
 
 _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "minimum", "rsub", "clamp",
@@ -215,7 +298,9 @@ _ELEMENTWISE_SAFE = {"add", "sub", "mul", "div", "where", "pow", "maximum", "min
                      "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_not",
                      "masked_fill", "fill", "copy", "lerp", "addcmul", "addcdiv", "atan2", "fmod", "hypot", "copysign",
                      "xlogy", "logaddexp", "fmax", "fmin",
-                     "remainder", "sign", "bitwise_and", "bitwise_or", "bitwise_not"}
+                     "remainder", "sign", "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor",
+                     "bitwise_left_shift", "bitwise_right_shift", "__lshift__", "__rshift__", "floor_divide",
+                     "logical_xor", "heaviside"}
 
 
 # ops that may carry a batch dim folded with other dims: they act on the other dims, or independently per
@@ -225,7 +310,7 @@ _FOLD_AWARE = {
     "alias", "contiguous", "_to_copy", "detach", "lift_fresh_copy", "mm", "addmm", "bmm", "baddbmm",
     "sum", "mean", "amax", "amin", "var", "std", "logsumexp", "_softmax", "_log_softmax", "any", "all",
     "slice", "select", "narrow", "index_select", "split", "split_with_sizes", "unbind", "chunk", "cat", "stack",
-    "native_layer_norm", "diagonal", "constant_pad_nd", "native_batch_norm", "_native_batch_norm_legit",
+    "native_layer_norm", "diagonal", "embedding", "constant_pad_nd", "native_batch_norm", "_native_batch_norm_legit",
     "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
 }
 
@@ -549,6 +634,15 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
                 bd[n] = p
             else:
                 bd[n] = o0.dim() - (iv.dim() - p)
+        elif name == "embedding" or (name == "index_select" and bd.get(args[2]) is not None):
+            # a constant table read at indices computed from x (a hash / dense grid encoding): the output has
+            # the index's shape (embedding: plus a trailing feature dim; index_select: in place of dim)
+            table, idx = (args[0], args[1]) if name == "embedding" else (args[0], args[2])
+            if bd.get(table) is not None:
+                fail(n, "a table that depends on x read at indices that depend on x")
+            bd[n] = bd[idx] if name == "embedding" else args[1] % o0.dim()
+            if o0.shape[bd[n]] != _val(idx).shape[bd[idx]]:  # the index's batch dim (maybe folded) kept whole
+                fail(n, "the batch dimension disappears")
         elif name in ("slice", "select", "narrow", "index_select", "split", "split_with_sizes", "unbind",
                       "chunk"):
             p = bd[ins[0]]
@@ -627,6 +721,8 @@ def check_batch_independence(cap: Captured, fname: str) -> None:
             else:  # gather(x, dim, index): out[i] = x[i with i_dim replaced by index[i]], shaped like index
                 d = args[1] % o0.dim()
                 ps = {bd[a] for a in ins}
+                if bd.get(args[0]) is None:  # a constant table: entry i reads index[i] only, whatever dim is
+                    d = None
                 if len(ps) != 1 or d in ps:
                     fail(n, "gathering along the batch dimension")
                 bd[n] = ps.pop()

@@ -150,7 +150,7 @@ def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], comb
     gm, consts = entry.gm, entry.constants
 
     def extract(x):
-        out = gm(x, *consts)
+        out = gm(x.contiguous(), *consts)  # graphs are traced and cached at contiguous strides
         y = out[0]
         parts = None
         if items:

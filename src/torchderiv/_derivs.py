@@ -125,6 +125,22 @@ def pow_derivs(p: float) -> Derivs:
     return derivs
 
 
+def pow_tensor_derivs(p: Tensor) -> Derivs:
+    """``x^p`` for a constant exponent tensor ``p`` (``x[..., None] ** torch.arange(4)``): the same
+    falling factorials as :func:`pow_derivs`, entrywise; 0 where the factor vanishes (as torch does at p = 0)."""
+
+    def derivs(x, y, K):
+        pf = p.to(x.dtype)
+        out = []
+        coef = torch.ones_like(pf)
+        for k in range(1, K + 1):
+            coef = coef * (pf - (k - 1))
+            out.append(torch.where(coef == 0, torch.zeros_like(y), coef * torch.pow(x, pf - k)))
+        return out
+
+    return derivs
+
+
 def sqrt_derivs(x, y, K):
     # y = x^(1/2): g^(k) = c_k * y / x^k
     r = _reciprocal_powers(x, K)

@@ -191,8 +191,14 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
     # tensors made while building (seeds, index and coefficient tables) are kept in the graph: never
     # inference tensors, which could not take part in a later call that autograd records
     with torch.inference_mode(False), torch.no_grad():
-        consts = [c.detach() for c in cap.constants]
-        xb = x.detach().clone() if x.is_inference() else x.detach()
+        # building runs the ops for real: buffers that f updates in place (spectral_norm's power iteration in
+        # training mode) are written in copies, so that only the calls of the graph advance them
+        written = {n.args[0] for n in cap.gm.graph.nodes
+                   if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                   and n.target._schema.is_mutable and n.args and isinstance(n.args[0], fx.Node)}
+        holders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][1:]
+        consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
+        xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
         s = seeds(dirs, x, batched)
         gm = make_fx(taylor)(xb, *consts)
     gm.graph.eliminate_dead_code()
@@ -484,7 +490,9 @@ def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) ->
         e = Entry(gm=gm, constants=consts, **_state(f, cap))
         slot[key] = e
     gm, consts = e.gm, e.constants
-    return lambda xx: gm(xx, *consts)
+    # the graph was traced at a contiguous x: its views assume those strides (channels_last, expanded or
+    # transposed inputs would fail in `view` or in an in-place write)
+    return lambda xx: gm(xx.contiguous(), *consts)
 
 
 def _patch_for_autograd(gm: fx.GraphModule) -> None:
@@ -555,7 +563,7 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
 
 
 def run(entry: Entry, x: torch.Tensor):
-    return entry.gm(x, *entry.constants)
+    return entry.gm(x.contiguous(), *entry.constants)
 
 
 # ----------------------------------------------------------------------------- fast path

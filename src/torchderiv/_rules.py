@@ -172,12 +172,34 @@ def _reciprocal(ctx: Ctx, x: Jet) -> Jet:
 
 @rule(aten.pow.Tensor_Tensor)
 def _pow_tt(ctx, a, b):
-    if constant(b):
-        raise Unsupported("pow with a tensor exponent")  # falls back to decomposition
+    if constant(b):  # a constant exponent tensor: x^p entrywise
+        y = torch.pow(a.p, b)
+        if tuple(a.p.shape) != tuple(y.shape):
+            a = _expand(ctx, a, y.shape)
+        return _unary_apply(ctx, a, y, D.pow_tensor_derivs(b))
     # a^b = exp(b log a)
     la = _unary_apply(ctx, a, torch.log(P(a)), D.log_derivs_shift(0.0)) if isinstance(a, Jet) else torch.log(a)
     e = product(ctx, b, la, torch.mul)
     return _unary_apply(ctx, e, torch.exp(e.p), D.exp_derivs)
+
+
+def _remainder_rule(op, rounding):
+    """``a - q * b`` with the piecewise-constant quotient ``q`` (floor for remainder, trunc for fmod): the
+    coefficients of ``a`` minus ``q`` times those of ``b``, exact away from the jumps (as torch's)."""
+
+    def r(ctx, a, b):
+        y = op(P(a), P(b))
+        if constant(b):
+            return add(ctx, a, b, y)
+        q = torch.div(P(a), P(b), rounding_mode=rounding)
+        return add(ctx, a, scale(ctx, b, q, q * P(b)), y, -1)
+
+    return r
+
+
+for _op, _rounding in ((aten.remainder.Tensor, "floor"), (aten.remainder.Scalar, "floor"),
+                       (aten.fmod.Tensor, "trunc"), (aten.fmod.Scalar, "trunc")):
+    RULES[_op] = _remainder_rule(_op, _rounding)
 
 
 @rule(aten.pow.Scalar)
@@ -933,6 +955,8 @@ def _extremum(which):
 
 RULES[aten.amax.default] = _extremum("max")
 RULES[aten.amin.default] = _extremum("min")
+RULES[aten.max.default] = _extremum("max")  # torch.max(x) over every entry: amax with ties shared
+RULES[aten.min.default] = _extremum("min")
 
 
 @rule(aten.cumsum.default)
@@ -1213,6 +1237,10 @@ RULES[aten.sort.stable] = _values_rule(aten.sort.stable, None)  # dim is keyword
 RULES[aten.topk.default] = _values_rule(aten.topk.default, 1)
 RULES[aten.kthvalue.default] = _values_rule(aten.kthvalue.default, 1, 2)
 RULES[aten.median.dim] = _values_rule(aten.median.dim, 0, 1)
+RULES[aten.nanmedian.dim] = _values_rule(aten.nanmedian.dim, 0, 1)
+RULES[aten.mode.default] = _values_rule(aten.mode.default, 0, 1)
+RULES[aten.max.dim] = _values_rule(aten.max.dim, 0, 1)  # torch.max(x, dim): the winner's coefficients
+RULES[aten.min.dim] = _values_rule(aten.min.dim, 0, 1)
 RULES[aten.cummax.default] = _values_rule(aten.cummax.default, 0)
 RULES[aten.cummin.default] = _values_rule(aten.cummin.default, 0)
 RULES[aten.upsample_bicubic2d.default] = _batch_leading(aten.upsample_bicubic2d.default)
