@@ -102,6 +102,19 @@ def test_hessian(case, method):
     assert_close(H, ref_hessian(ref, x), msg=f"{case.name} hessian {method}")
 
 
+@pytest.mark.parametrize("method", ["reverse", "auto"])
+def test_hessian_reverse_silu_no_grad(method):
+    """The reverse Hessian needs no forward-mode formula: under no_grad ``silu_backward`` has none (auto picks
+    reverse for 6 inputs and one output). A second call at a new x takes the fast path."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1)).double()
+    for _ in range(2):
+        x = torch.randn(5, 6, dtype=torch.float64)
+        with torch.no_grad():
+            H = td.hessian(net, x, method=method)
+        assert_close(H, ref_hessian(net, x), msg=f"silu hessian {method} no_grad")
+
+
 @zoo
 @pytest.mark.parametrize("method", ["forward", "reverse"])
 def test_hessian_diagonal(case, method):

@@ -44,7 +44,7 @@ def choose_method(kind: str, n_in: int, n_out: int) -> str:
     pass costs about 3 FPE (forward plus backward), vectorized over output directions.
 
     * ``jacobian``: forward ``1 + n_in`` against reverse ``1 + 3 n_out``.
-    * ``hessian``: forward ``1 + n_in + n_in (n_in + 1) / 2`` against forward-over-reverse
+    * ``hessian``: forward ``1 + n_in + n_in (n_in + 1) / 2`` against reverse-over-reverse
       ``3 n_out (1 + n_in)``.
     * everything else (collapsed Laplacian, partials, biharmonic): forward.
     """
@@ -106,22 +106,31 @@ def _jacobian_reverse(fname, f, x, batched, chunk_size):
 
 
 def _hessian_reverse(fname, f, x, batched, chunk_size):
+    """Reverse over reverse: needs no forward-mode formula (``silu_backward`` has none under ``no_grad``)
+    and was measured faster than forward over reverse (docs/design.md, method="auto")."""
+    jrr = lambda h: torch.func.jacrev(torch.func.jacrev(h, chunk_size=chunk_size), chunk_size=chunk_size)  # noqa: E731
     if not traceable(fname, f, x, batched):  # checks f's output and that rows do not interact
-        H = torch.func.jacfwd(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size))
+        H = jrr(per_sample(f, batched))
         return map_samples(H, x) if batched else H(x)
     g = reverse_function(f, x, batched, fname)
     x = x.contiguous()  # an expanded x (one memory location for several entries) cannot carry a jvp tangent
     if not batched:
-        return torch.func.jacfwd(torch.func.jacrev(g, chunk_size=chunk_size))(x)
-    # forward over reverse on the whole batch: rows do not interact, so a tangent e_i in every row
-    # differentiates each row's Jacobian along its own x[b, i]
+        return jrr(g)(x)
+    # rows do not interact: the cotangent e_o in every row gives each row's gradient of output o, and a
+    # second vjp with e_i in every row differentiates it along each row's own x[b]
     ins = tuple(x.shape[1:])
     n = numel(ins)
+    out = output_shape(f, x, batched, fname)[1:]
+    m = numel(out)
+    C = torch.eye(m, dtype=x.dtype, device=x.device).reshape((m, 1, *out)).expand(m, x.shape[0], *out)
     T = torch.eye(n, dtype=x.dtype, device=x.device).reshape((n, 1, *ins)).expand(n, *x.shape)
-    jac = lambda xx: _batched_vjp_jacobian(g, xx, chunk_size)  # noqa: E731
-    H = torch.func.vmap(lambda t: torch.func.jvp(jac, (x,), (t,))[1])(T)  # [n, B, *out, *in]
-    lead = H.shape[1 : H.dim() - len(ins)]  # [B, *out]
-    return H.movedim(0, -1).reshape((*lead, *ins, *ins))
+
+    def rows(c):
+        _, vjp2 = torch.func.vjp(lambda z: torch.func.vjp(g, z)[1](c)[0], x)
+        return torch.func.vmap(lambda t: vjp2(t)[0], chunk_size=chunk_size)(T)  # [n, B, *in]
+
+    H = torch.func.vmap(rows, chunk_size=chunk_size)(C)  # [m, n, B, *in]
+    return H.movedim(2, 0).reshape((x.shape[0], *out, *ins, *ins))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -207,7 +216,7 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
     """Per-sample Hessians ``[B, *out, *in, *in]`` of every output component.
 
     Forward mode propagates ``1 + n + n(n+1)/2`` coefficient streams in one generated pass (only the
-    pairs ``i <= j``); ``method="reverse"`` uses forward-over-reverse (torch.func).
+    pairs ``i <= j``); ``method="reverse"`` uses reverse-over-reverse (torch.func).
 
     Example:
         >>> import torch, torchderiv
