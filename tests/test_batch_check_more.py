@@ -485,3 +485,32 @@ def test_row_mixing_raises_for_hessian():
     f, in_shape, _ = MIXERS["topk_over_batch"]
     with pytest.raises(BatchMixingError, match="topk"):
         td.hessian(f, torch.randn(4, *in_shape, dtype=DT))
+
+
+class _TokenAttention(nn.Module):
+    """Self-attention over 4 tokens of each sample, written so that the batch folds into bmm's batch
+    dim; the conservative check refuses such a bmm only when it cannot follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x.view(-1, 4, 4)).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_a_single_row_is_never_refused(method):
+    """B = 1: nothing to mix with, so no BatchMixingError even for graphs that mix rows at B > 1
+    (x - x.mean(0) is identically 0 at B = 1, so its Jacobian is 0); the derivative is that of f."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, dtype=torch.float64)
+    net = _TokenAttention().to(torch.float64).eval()
+    assert_close(td.jacobian(net, x, method=method), ref_jacobian(net, x))
+
+    def centered(z):
+        return torch.tanh(z - z.mean(0, keepdim=True))
+
+    assert_close(td.jacobian(centered, x, method=method), torch.zeros(1, 16, 16, dtype=torch.float64))
+    with pytest.raises(BatchMixingError):
+        td.jacobian(centered, torch.randn(2, 16, dtype=torch.float64), method=method)

@@ -449,7 +449,7 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     cap.out_val = pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, out)
     if not isinstance(cap.out_val, torch.Tensor):
         _check_traced_output(fname, cap.out_val, x, batched)
-    if batched:
+    if batched and x.shape[0] > 1:  # a single row has nothing to mix with
         check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
     _check_traced_output(fname, cap.out_val, x, batched)
     slot[key] = (cap, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
