@@ -228,3 +228,17 @@ def test_compiled_pinn_step_agrees_and_skips_memory(monkeypatch, tmp_path, capsy
     m = {m["name"]: m for m in json.loads(js.read_text())["scenarios"][0]["methods"]}["compiled"]
     assert m["agreed"] is True and m["max_rel_err"] < 1e-5
     assert m["memory_method"] == "not measured for this method" and m["peak_memory_bytes"] is None
+
+
+def _unavailable(s):
+    raise M.MethodUnavailable("no compiler here")
+
+
+def test_unavailable_method_is_left_out_with_a_note(tiny_with, tmp_path, capsys):
+    name = tiny_with(Method("needs a compiler", _unavailable))
+    js = tmp_path / "b.json"
+    assert main(["bench", name, *QUICK, "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "needs a compiler: left out (no compiler here)" in out
+    names = [m["name"] for m in json.loads(js.read_text())["scenarios"][0]["methods"]]
+    assert "needs a compiler" not in names and len(names) == 3

@@ -25,6 +25,11 @@ Runner = Callable[[], tuple]
 Builder = Callable[["Setup"], Runner]
 
 
+class MethodUnavailable(RuntimeError):
+    """Raised by a builder when its method cannot run on this machine (no working compiler for
+    ``torch.compile``): the runner leaves the row out with a note instead of reporting an error."""
+
+
 @dataclass
 class Setup:
     """The function and inputs a scenario measures, plus request details (``extra``)."""

@@ -248,7 +248,12 @@ def pinn_step_compiled(s: Setup) -> Runner:
         loss_fn(s.x)
         compiled = torch.compile(loss_fn)
         t0 = time.perf_counter()
-        loss, _ = compiled(s.x)
+        try:
+            loss, _ = compiled(s.x)
+        except Exception as e:  # noqa: BLE001 - inductor cannot build here (compiler, headers): a note
+            msg = str(e).strip().splitlines()
+            raise M.MethodUnavailable(f"torch.compile failed on this machine: {type(e).__name__}: "
+                                      f"{msg[0][:200] if msg else ''}") from e
         loss.backward()
         for p in params:
             p.grad = None

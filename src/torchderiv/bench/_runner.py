@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._methods import Setup
+from ._methods import MethodUnavailable, Setup
 from ._scenarios import Method, Scenario
 from ._timing import Candidate, Timing, TimingPolicy, cuda_peak, measure_interleaved, memprobe_env
 
@@ -225,9 +225,9 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
     fwd = sc.forward(setup) if sc.forward else (lambda: setup.f(setup.x))
     order = _ordered(sc)
     cands = [Candidate(_wrap(fwd, sc.no_grad))]
+    kept = []
     for m in order:
         mr = MethodResult(m.name, m.kind, m.name == sc.baseline, batch=setup.B)
-        res.methods.append(mr)
         s = setup
         scale = 1.0
         if quick and m.quick_sub_batch and m.quick_sub_batch < setup.B:
@@ -237,12 +237,20 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
         try:
             with _ctx(sc.no_grad):
                 run = m.build(s)
+            cand = Candidate(_wrap(run, sc.no_grad), once=m.slow or (quick and m.quick_once), scale=scale)
+        except MethodUnavailable as e:  # cannot run on this machine: a note, not an error
+            res.notes.append(f"{m.name}: left out ({e})")
+            continue
+        except Exception as e:  # noqa: BLE001 - shown as ERROR, never hidden
+            cand = Candidate(lambda: None, error=e)
+        else:
             secs = getattr(run, "setup_seconds", None)
             if secs is not None:
                 res.notes.append(f"{m.name}: set-up (compilation, first call) {secs:.1f} s, not timed")
-            cands.append(Candidate(_wrap(run, sc.no_grad), once=m.slow or (quick and m.quick_once), scale=scale))
-        except Exception as e:  # noqa: BLE001 - shown as ERROR, never hidden
-            cands.append(Candidate(lambda: None, error=e))
+        kept.append(m)
+        res.methods.append(mr)
+        cands.append(cand)
+    order = kept
     names = ["plain forward"] + [m.name for m in order]
     measure_interleaved(cands, device, policy, on_round=lambda r: step(f"round {r + 1}/{policy.repeat}"),
                         on_warm=lambda i: step(f"warm-up: {names[i]}"))
