@@ -113,7 +113,7 @@ def _hessian_reverse(fname, f, x, batched, chunk_size):
         H = jrr(per_sample(f, batched))
         return map_samples(H, x) if batched else H(x)
     g = reverse_function(f, x, batched, fname)
-    x = x.contiguous()  # an expanded x (one memory location for several entries) cannot carry a jvp tangent
+    x = x.contiguous()  # an expanded x (one memory location for several entries): one entry per row to differentiate
     if not batched:
         return jrr(g)(x)
     # rows do not interact: the cotangent e_o in every row gives each row's gradient of output o, and a

@@ -221,8 +221,7 @@ class Entry:
     reads: tuple = ()
 
     def fresh(self, f) -> bool:
-        return self.fp == fingerprint(f) and all(
-            t.shape == v.shape and torch.equal(t, v) for t, v in self.reads)
+        return self.fp == fingerprint(f) and all(torch.equal(t, v) for t, v in self.reads)  # equal: shapes too
 
 
 def _state(f, cap: Captured) -> dict:
@@ -275,8 +274,12 @@ def _fp_value(v, out: list, depth: int) -> None:
 
 def _plain_object(v) -> bool:
     """An instance of a user class with attributes (not a type, module, function or torch object)."""
-    return (hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType))
-            and type(v).__module__.split(".")[0] not in ("torch", "builtins"))
+    return hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType)) and _user_class(type(v))
+
+
+def _user_class(cls: type) -> bool:
+    """Defined outside torch and the builtins (whose state and globals need no watching)."""
+    return cls.__module__.split(".")[0] not in ("torch", "builtins")
 
 
 def _fp_module(m: torch.nn.Module, out: list) -> None:
@@ -331,7 +334,7 @@ def _class_globals(cls: type) -> list[tuple[dict, tuple[str, ...]]]:
     its code (nested functions included) reads from there. torch's own modules read nothing that changes."""
     res = []
     for k in cls.__mro__:
-        if k.__module__.split(".")[0] in ("torch", "builtins"):
+        if not _user_class(k):
             continue
         for fn in vars(k).values():
             fn = getattr(fn, "__func__", fn)  # static and class methods

@@ -208,7 +208,8 @@ def build_registry() -> None:
         Method("vmap(hessian) trace + backward", pinn_step(lap_vmap_hessian)),
         Method("torchderiv.laplacian + backward", pinn_step(lap_torchderiv), kind="torchderiv"),
     ]
-    if compile_available():
+    compiled = compile_available()
+    if compiled:
         # informational: no target (the figure is the eager one, above)
         pinn.append(Method("torchderiv.laplacian + backward, torch.compile", pinn_step_compiled,
                            kind="torchderiv", memory=False))
@@ -224,7 +225,7 @@ def build_registry() -> None:
                             "FPE is relative to the plain forward"]
         + (["pinn-poisson: the torch.compile row compiles the torchderiv loss (forward and backward); it has "
             "no target: the issue's figure is the eager row. The autograd loop cannot be compiled (double "
-            "backward)"] if compile_available() else
+            "backward)"] if compiled else
            ["pinn-poisson: no torch.compile row (no C++ compiler for inductor, or TORCHDERIV_BENCH_NO_COMPILE)"])))
 
     register(Scenario(
