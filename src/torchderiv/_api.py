@@ -8,7 +8,9 @@ from itertools import combinations_with_replacement
 import torch
 from torch import Tensor
 
+from ._autograd import autograd_taylor
 from ._capture import TraceError
+from ._compile import call, compiling
 from ._core import (
     _probe_output,
     in_shape,
@@ -72,6 +74,19 @@ def _resolve(kind, method, x, batched, f, fname):
     if method != "auto":
         return method
     return choose_method(kind, numel(in_shape(x, batched)), _out_size(f, x, batched, fname))
+
+
+def _taylor(method: str):
+    """The runner of a request's multi-indices and combos: nested autograd or the generated Taylor graph."""
+    if method == "autograd":
+        return lambda *a, **k: autograd_taylor(*a[:6], **{n: v for n, v in k.items() if n != "chunk_size"})
+    return taylor
+
+
+def _no_reverse(fname: str, method) -> None:
+    if method == "reverse":
+        raise ValueError(f"{fname}: method='reverse' is not available here; method must be one of "
+                         f"('auto', 'forward', 'autograd')")
 
 
 def _fast_key(fname, x, batched, method, chunk_size, extra=None):
@@ -148,7 +163,8 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         method: ``"forward"`` (Taylor mode, one generated forward pass), ``"reverse"`` (vector-Jacobian
             products vectorized over output directions) or ``"auto"`` (cost model: forward when the
             input side is smaller, see :func:`torchderiv.choose_method`; reverse when ``f`` uses an op that
-            PyTorch cannot differentiate in forward mode).
+            PyTorch cannot differentiate in forward mode), or ``"autograd"`` (nested ``torch.autograd.grad``
+            as written by hand: one reverse pass per output component; not inside ``torch.compile``).
         chunk_size: propagate at most this many directions at once (bounds memory).
 
     Returns:
@@ -163,18 +179,22 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         torch.Size([10, 4, 1])
     """
     fname = "jacobian"
+    if compiling():  # under torch.compile: see _compile.py
+        return call(fname, f, x, batched=batched, method=method, chunk_size=chunk_size)
     key = _fast_key(fname, x, batched, method, chunk_size)
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
     validate(fname, f, x, batched, method, chunk_size)
-    if _resolve("jacobian", method, x, batched, f, fname) == "reverse":
+    resolved = _resolve("jacobian", method, x, batched, f, fname)
+    if resolved == "reverse":
         return _jacobian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
     try:
-        return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
-                      assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)), fast_key=key)
+        return _taylor(resolved)(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
+                                 assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)),
+                                 fast_key=key)
     except NoForwardDerivative:
         if method != "auto":
             raise
@@ -226,12 +246,15 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
                 [0., 6.]])
     """
     fname = "hessian"
+    if compiling():  # under torch.compile: see _compile.py
+        return call(fname, f, x, batched=batched, method=method, chunk_size=chunk_size)
     key = _fast_key(fname, x, batched, method, chunk_size)
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
     validate(fname, f, x, batched, method, chunk_size)
-    if _resolve("hessian", method, x, batched, f, fname) == "reverse":
+    resolved = _resolve("hessian", method, x, batched, f, fname)
+    if resolved == "reverse":
         return _hessian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
@@ -246,7 +269,7 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
             return H.squeeze(-1)
         return H.unflatten(-1, (*ins, *ins))  # a view: no strided copy
 
-    return taylor(fname, f, x, pairs, [], batched, chunk_size, assemble=assemble, fast_key=key)
+    return _taylor(resolved)(fname, f, x, pairs, [], batched, chunk_size, assemble=assemble, fast_key=key)
 
 
 def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
@@ -259,6 +282,8 @@ def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool 
         tensor([[[6., 6.]]])
     """
     fname = "hessian_diagonal"
+    if compiling():  # under torch.compile: see _compile.py
+        return call(fname, f, x, batched=batched, method=method, chunk_size=chunk_size)
     validate(fname, f, x, batched, method, chunk_size)
     ins = in_shape(x, batched)
     n = numel(ins)
@@ -266,8 +291,8 @@ def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool 
         H = _hessian_reverse(fname, f, x, batched, chunk_size)
         lead = H.shape[: H.dim() - 2 * len(ins)]
         return H.reshape((*lead, n, n)).diagonal(dim1=-2, dim2=-1).reshape((*lead, *ins))
-    return taylor(fname, f, x, [(i, i) for i in range(n)], [], batched, chunk_size,
-                  assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)))
+    return _taylor(method)(fname, f, x, [(i, i) for i in range(n)], [], batched, chunk_size,
+                           assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)))
 
 
 def _check_dims(fname: str, dims, n: int) -> list[int]:
@@ -330,6 +355,8 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
         tensor([6., 6., 6., 6.])
     """
     fname = "laplacian"
+    if compiling():  # under torch.compile: see _compile.py
+        return call(fname, f, x, dims=dims, weights=weights, batched=batched, method=method, chunk_size=chunk_size)
     wkey = None if weights is not None else ()
     try:
         dkey = tuple(dims) if dims is not None else None
@@ -349,8 +376,8 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
         lead = H.shape[: H.dim() - 2 * len(in_shape(x, batched))]
         H = H.reshape((*lead, n, n))
         return sum(w * H[..., a, b] for (a, b), w in combo)
-    return taylor(fname, f, x, [], [combo], batched, chunk_size, stacked=False,
-                  assemble=lambda y, _, sums: sums[0], fast_key=key if wkey is not None else None)
+    return _taylor(method)(fname, f, x, [], [combo], batched, chunk_size, stacked=False,
+                           assemble=lambda y, _, sums: sums[0], fast_key=key if wkey is not None else None)
 
 
 def divergence(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
@@ -367,11 +394,13 @@ def divergence(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True
 
 
 def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] | None = None,
-               batched: bool = True, chunk_size: int | None = None) -> Tensor:
+               batched: bool = True, method: str = "auto", chunk_size: int | None = None) -> Tensor:
     """Per-sample biharmonic ``sum_ij d4 f / dx_i^2 dx_j^2`` of every output component, ``[B, *out]``.
 
     One generated forward pass propagates the partials up to order 3 that the result needs and the
-    fourth-order part collapsed into a single stream.
+    fourth-order part collapsed into a single stream. ``method="autograd"`` computes the Laplacian of the
+    Laplacian by nested ``torch.autograd.grad`` (``2 + 2 D`` reverse passes per output component);
+    ``method="auto"`` and ``"forward"`` use the generated Taylor graph.
 
     Example:
         >>> import torch, torchderiv
@@ -380,18 +409,24 @@ def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] 
         tensor([120., 120.])
     """
     fname = "biharmonic"
+    if compiling():  # under torch.compile: see _compile.py
+        return call(fname, f, x, dims=dims, batched=batched, method=method, chunk_size=chunk_size)
+    _no_reverse(fname, method)
     try:
-        key = _fast_key(fname, x, batched, "forward", chunk_size, tuple(dims) if dims is not None else None)
+        key = _fast_key(fname, x, batched, method, chunk_size, tuple(dims) if dims is not None else None)
     except TypeError:
         key = None  # not a sequence: validated (and refused) below
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
-    validate(fname, f, x, batched, "forward", chunk_size)
+    validate(fname, f, x, batched, method, chunk_size)
     n = numel(in_shape(x, batched))
     dd = _check_dims(fname, dims, n)
     directions, combo = biharmonic_directions(dd)
     ref = [((i, i, i, i), 1.0) for i in dd] + [((i, i, j, j), 2.0) for a, i in enumerate(dd) for j in dd[a + 1 :]]
+    if method == "autograd":
+        return autograd_taylor(fname, f, x, [], [ref], batched, stacked=False,
+                               assemble=lambda y, _, sums: sums[0], fast_key=key)
     try:
         output_shape(f, x, batched, fname)
     except TraceError:  # untraceable f: the torch.func fallback, on the whole combination at once
@@ -467,7 +502,7 @@ def _parse_spec(fname: str, spec, coords, n: int) -> list[tuple[object, tuple[in
 
 
 def partials(f: Callable[[Tensor], Tensor], x: Tensor, spec, *, coords=None, batched: bool = True,
-             chunk_size: int | None = None) -> dict:
+             method: str = "auto", chunk_size: int | None = None) -> dict:
     """Arbitrary partial derivatives of ``f``, all in one generated forward pass.
 
     Args:
@@ -475,6 +510,9 @@ def partials(f: Callable[[Tensor], Tensor], x: Tensor, spec, *, coords=None, bat
             ``(1, 1)``, ``(0, 0, 1, 1)``; or, with ``coords``, strings such as ``""``, ``"t"``, ``"xx"``.
             ``()`` / ``""`` is the value itself.
         coords: one name per input coordinate, e.g. ``"txy"``.
+        method: ``"forward"`` (one generated Taylor-mode pass), ``"autograd"`` (nested
+            ``torch.autograd.grad``: one reverse pass per output component and needed lower-order
+            partial, results reused) or ``"auto"`` (forward).
 
     Returns:
         a dict with the keys of ``spec`` as given, each ``[B, *out]``.
@@ -487,20 +525,23 @@ def partials(f: Callable[[Tensor], Tensor], x: Tensor, spec, *, coords=None, bat
         [2.0, 1.0, 12.0, 12.0]
     """
     fname = "partials"
+    if compiling():  # under torch.compile: see _compile.py
+        return call(fname, f, x, spec=spec, coords=coords, batched=batched, method=method, chunk_size=chunk_size)
+    _no_reverse(fname, method)
     try:
         skey = (tuple(spec), coords if coords is None or isinstance(coords, str) else tuple(coords))
         hash(skey)
     except TypeError:
         skey = None
-    key = _fast_key(fname, x, batched, "forward", chunk_size, skey) if skey is not None else None
+    key = _fast_key(fname, x, batched, method, chunk_size, skey) if skey is not None else None
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
-    validate(fname, f, x, batched, "forward", chunk_size)
+    validate(fname, f, x, batched, method, chunk_size)
     n = numel(in_shape(x, batched))
     entries = _parse_spec(fname, spec, coords, n)
     if not entries:
         return {}
     keys = [k for k, _ in entries]
-    return taylor(fname, f, x, [a for _, a in entries], [], batched, chunk_size, stacked=False,
-                  assemble=lambda y, parts, _: dict(zip(keys, parts)), fast_key=key)
+    return _taylor(method)(fname, f, x, [a for _, a in entries], [], batched, chunk_size, stacked=False,
+                           assemble=lambda y, parts, _: dict(zip(keys, parts)), fast_key=key)

@@ -15,7 +15,7 @@ from ._engine import _check_traced_output, derivative_graph, output_shape, regis
 from ._jet import full
 from ._plan import MultiIndex, Plan
 
-METHODS = ("auto", "forward", "reverse")
+METHODS = ("auto", "forward", "reverse", "autograd")
 Combo = list[tuple[MultiIndex, float]]
 
 

@@ -1,0 +1,203 @@
+"""torchderiv inside ``torch.compile``: the generated graph is compiled into the user's graph, and dynamo never
+traces (nor guards on) torchderiv's caches.
+
+Every public operator, when dynamo traces it, comes here instead of its eager body:
+
+1. :func:`_plan` is marked ``torch._dynamo.assume_constant_result``: dynamo *calls* it (it does not trace it)
+   with Python constants (the operator's name and options, ``f``, the per-sample input shape, dtype, device).
+   It runs the eager operator once on a zero input of one row (building and caching the derivative graph as
+   usual; a two-row trace first checks that rows do not interact), picks up the call path that the fast path
+   registered, and returns a small integer handle plus, for each tensor the graph reads (parameters,
+   buffers, closure tensors), where dynamo can find it on ``f``. Nothing of this is guarded on.
+2. The tensors are read from ``f`` in traced code (``f.get_parameter``-like attribute chains), so dynamo
+   lifts them as inputs of the user's graph and autograd reaches them.
+3. :func:`_apply` is marked ``torch._dynamo.nonstrict_trace``: dynamo records one opaque call, and
+   aot_autograd traces into it, so the generated ops (vmapped over the rows: the graph was built for one
+   row) are compiled and fused with the rest of the user's loss, forward and backward. Because the graph is
+   per row, the batch size is never part of a plan: after dynamo's usual single recompile on the first
+   change of batch size the batch dimension is dynamic.
+
+What graph-breaks instead (works without ``fullgraph=True``, the operator then runs eagerly): an ``f`` that
+cannot be traced to a static graph (torch.func fallback), a request that is not one generated graph
+(``chunk_size`` smaller than the request, all-zero Laplacian weights), an ``f`` that cannot be weakly
+referenced or holds a tensor requiring grad that cannot be found on it, and ``method="autograd"`` (nested
+``torch.autograd.grad``: aot_autograd does not support double backward).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from . import _engine
+
+__all__ = ["compiling", "call"]
+
+
+def compiling() -> bool:
+    """Whether dynamo is tracing the caller. ``torch.compiler.is_compiling()`` is also true while dynamo runs
+    :func:`_plan` for real, which then builds with the eager operators: ``is_dynamo_compiling`` is not."""
+    return torch.compiler.is_dynamo_compiling()
+
+
+# handle -> (owner weakref, runner, constants list, {position: path}, batched)
+_TABLE: dict[int, tuple] = {}
+_BY_RUNNER: dict[int, int] = {}
+_ids = itertools.count()
+
+
+def _purge() -> None:
+    for h in [h for h, v in _TABLE.items() if v[0]() is None]:
+        _BY_RUNNER.pop(id(_TABLE[h][1]), None)
+        del _TABLE[h]
+
+
+def _paths(f) -> dict[int, tuple]:
+    """``id(tensor) -> path`` for the tensors reachable from ``f`` in ways dynamo can follow."""
+    out: dict[int, tuple] = {}
+
+    def module(m, root):
+        for name, t in itertools.chain(m.named_parameters(remove_duplicate=False),
+                                       m.named_buffers(remove_duplicate=False)):
+            out.setdefault(id(t), (*root, name))
+
+    def value(v, root):
+        if isinstance(v, torch.nn.Module):
+            module(v, root)
+        elif isinstance(v, Tensor):
+            out.setdefault(id(v), (*root, None))
+
+    if isinstance(f, torch.nn.Module):
+        module(f, ("m", None))
+        return out
+    if hasattr(f, "__self__") and isinstance(f.__self__, torch.nn.Module):
+        module(f.__self__, ("self", None))
+    fn = getattr(f, "__func__", f)
+    for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
+        try:
+            value(cell.cell_contents, ("cell", i))
+        except ValueError:  # an empty cell
+            pass
+    code = getattr(fn, "__code__", None)
+    g = getattr(fn, "__globals__", {})
+    for name in code.co_names if code is not None else ():
+        if name in g:
+            value(g[name], ("glob", name))
+    return out
+
+
+def _resolve(f, path):
+    kind, a, name = path
+    if kind == "m":
+        obj = f
+    elif kind == "self":
+        obj = f.__self__
+    elif kind == "cell":
+        obj = f.__closure__[a].cell_contents
+    else:
+        obj = f.__globals__[a]
+    if name is None:
+        return obj
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@torch._dynamo.assume_constant_result
+def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, options: tuple):
+    """Build (or find) the derivative graph of the request for one row; return ``(handle, paths)`` or
+    ``(-1, ())`` when the request is not one generated graph. Called by dynamo, never traced."""
+    from . import _api
+
+    _purge()
+    fn = getattr(_api, op)
+    kw = dict(options)
+    if "spec" in kw:
+        kw["spec"] = list(kw["spec"])
+    record, _engine.RECORD = _engine.RECORD, []
+    try:
+        with torch._guards.tracing(None), torch.no_grad():  # outside dynamo's fake mode
+            if batched:
+                # two rows: the capture checks that rows do not interact (one row has nothing to mix)
+                _engine.output_shape(f, torch.zeros((2, *ins), dtype=dtype, device=device), True, op)
+            x = torch.zeros(((1,) if batched else ()) + tuple(ins), dtype=dtype, device=device)
+            fn(f, x, **kw)
+        hits = [(r, e) for k, r, e in _engine.RECORD if k is not None and k[0] == op]
+    finally:
+        _engine.RECORD = record
+    if not hits:
+        return (-1, ())
+    runner, entry = hits[-1]
+    h = _BY_RUNNER.get(id(runner))
+    if h is None:
+        where = _paths(f)
+        paths = {}
+        for i, c in enumerate(entry.constants):
+            p = where.get(id(c))
+            if p is not None:
+                paths[i] = p
+            elif c.requires_grad:  # cannot be lifted: its gradient would be lost
+                return (-1, ())
+        h = next(_ids)
+        try:
+            owner = weakref.ref(_engine._owner(f)[0])
+        except TypeError:
+            return (-1, ())
+        _TABLE[h] = (owner, runner, entry.constants, paths, batched)
+        _BY_RUNNER[id(runner)] = h
+    paths = _TABLE[h][3]
+    return (h, tuple(paths.values()))
+
+
+@torch._dynamo.nonstrict_trace
+def _apply(h: int, x: Tensor, consts: tuple):
+    """Run the generated graph of handle ``h`` on ``x`` with the traced ``consts``; aot_autograd traces it."""
+    _, runner, constants, paths, batched = _TABLE[h]
+    saved = list(constants)
+    for pos, c in zip(paths, consts):
+        constants[pos] = c
+    try:
+        if not batched:
+            return runner(x)
+
+        def row(xr):
+            return pytree.tree_map(lambda t: t.squeeze(0), runner(xr.unsqueeze(0)))
+
+        return torch.vmap(row)(x)
+    finally:
+        constants[:] = saved
+
+
+@torch.compiler.disable
+def _eager(op: str, f, x: Tensor, kw: dict):
+    from . import _api
+
+    return getattr(_api, op)(f, x, **kw)
+
+
+def call(op: str, f, x: Tensor, **kw):
+    """The operator ``op`` (a public name) under dynamo: compiled into the user's graph where possible,
+    else a graph break around the eager operator."""
+    batched = kw.get("batched", True)
+    if kw.get("method") == "autograd" or not isinstance(x, Tensor):
+        return _eager(op, f, x, kw)
+    if isinstance(kw.get("weights"), Tensor):
+        kw["weights"] = kw["weights"].tolist()
+    options = tuple(sorted((k, _frozen(v)) for k, v in kw.items()))
+    ins = tuple(x.shape[1:]) if batched else tuple(x.shape)
+    h, paths = _plan(op, f, ins, batched, x.dtype, x.device, getattr(f, "training", None), options)
+    if h < 0:
+        return _eager(op, f, x, kw)
+    consts = tuple(_resolve(f, p) for p in paths)
+    return _apply(h + 0, x, consts)  # `+ 0`: a plain constant, not one dynamo would guard on
+
+
+def _frozen(v):
+    if isinstance(v, (list, tuple, range)):
+        return tuple(_frozen(a) for a in v)
+    return v
+
