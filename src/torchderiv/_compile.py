@@ -4,29 +4,36 @@ traces (nor guards on) torchderiv's caches.
 Every public operator, when dynamo traces it, comes here instead of its eager body:
 
 1. :func:`_plan` is marked ``torch._dynamo.assume_constant_result``: dynamo *calls* it (it does not trace it)
-   with Python constants (the operator's name and options, ``f``, the per-sample input shape, dtype, device).
-   It runs the eager operator once on a zero input of one row (building and caching the derivative graph as
-   usual; a two-row trace first checks that rows do not interact), picks up the call path that the fast path
-   registered, and returns a small integer handle plus, for each tensor the graph reads (parameters,
-   buffers, closure tensors), where dynamo can find it on ``f``. Nothing of this is guarded on.
-2. The tensors are read from ``f`` in traced code (``f.get_parameter``-like attribute chains), so dynamo
-   lifts them as inputs of the user's graph and autograd reaches them.
+   with Python constants (the operator's name and options, ``f`` -- a plain function as its code, defaults
+   and closure contents --, the per-sample input shape, dtype, device). It runs the eager operator once on
+   a zero input of one row (building and caching the derivative graph as usual; a two-row capture first
+   checks that rows do not interact), picks up the call path the operator registered, and returns a small
+   integer handle plus, for each tensor the graph reads (parameters, buffers, closure tensors), where dynamo
+   finds it on ``f``. Nothing of this is guarded on.
+2. Those tensors are read from ``f`` in traced code (attribute chains), so dynamo lifts them as inputs of
+   the user's graph and the backward reaches them; the generated graph's own constants (seeds, index
+   tables) are read from :data:`_HOLDER`, one attribute each.
 3. :func:`_apply` is marked ``torch._dynamo.nonstrict_trace``: dynamo records one opaque call, and
-   aot_autograd traces into it, so the generated ops (vmapped over the rows: the graph was built for one
-   row) are compiled and fused with the rest of the user's loss, forward and backward. Because the graph is
-   per row, the batch size is never part of a plan: after dynamo's usual single recompile on the first
-   change of batch size the batch dimension is dynamic.
+   aot_autograd traces into it, so the generated ops, vmapped over the rows (the graph is built for one row),
+   are compiled and fused with the rest of the user's loss, forward and backward. The batch size is not
+   part of a plan: after dynamo's usual recompile on the first change of batch size the batch dimension is
+   dynamic, where functorch's batching rules of the graph's ops are shape-generic (tanh / sine MLPs with
+   layer norms); some (``cat``, ``convolution``) specialize the batch size, and such a model compiles once
+   per batch size.
 
-What graph-breaks instead (works without ``fullgraph=True``, the operator then runs eagerly): an ``f`` that
-cannot be traced to a static graph (torch.func fallback), a request that is not one generated graph
-(``chunk_size`` smaller than the request, all-zero Laplacian weights), an ``f`` that cannot be weakly
-referenced or holds a tensor requiring grad that cannot be found on it, and ``method="autograd"`` (nested
-``torch.autograd.grad``: aot_autograd does not support double backward).
+What graph-breaks instead (works without ``fullgraph=True``; the operator then runs eagerly): a function
+created inside the compiled region (``lambda z: net(z)[:, :1]`` in the loss: dynamo does not expose its
+closure cells; define it outside), an ``f`` that cannot be traced to a static graph (torch.func fallback), a
+request that is not one generated graph (``chunk_size`` smaller than the request, all-zero Laplacian
+weights), an ``f`` holding a tensor that requires grad and cannot be found on it, and ``method="autograd"``
+(nested ``torch.autograd.grad``: aot_autograd does not support double backward).
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
+import types
 import weakref
 
 import torch
@@ -53,6 +60,8 @@ _ids = itertools.count()
 def _purge() -> None:
     for h in [h for h, v in _TABLE.items() if v[0]() is None]:
         _BY_RUNNER.pop(id(_TABLE[h][1]), None)
+        for i in range(len(_TABLE[h][6])):
+            delattr(_HOLDER, f"c{h}_{i}")
         del _TABLE[h]
 
 
@@ -74,8 +83,12 @@ def _paths(f) -> dict[int, tuple]:
     if isinstance(f, torch.nn.Module):
         module(f, ("m", None))
         return out
-    if hasattr(f, "__self__") and isinstance(f.__self__, torch.nn.Module):
-        module(f.__self__, ("self", None))
+    if isinstance(f, types.MethodType):
+        if isinstance(f.__self__, torch.nn.Module):
+            module(f.__self__, ("self", None))
+        elif hasattr(f.__self__, "__dict__"):  # a plain object holding nets and tensors
+            for k, v in list(vars(f.__self__).items())[:32]:
+                value(v, ("selfattr", k))
     fn = getattr(f, "__func__", f)
     for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
         try:
@@ -96,6 +109,8 @@ def _resolve(f, path):
         obj = f
     elif kind == "self":
         obj = f.__self__
+    elif kind == "selfattr":
+        obj = getattr(f.__self__, a)
     elif kind == "cell":
         obj = f.__closure__[a].cell_contents
     else:
@@ -108,12 +123,25 @@ def _resolve(f, path):
 
 
 @torch._dynamo.assume_constant_result
-def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, options: tuple):
+def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, options: tuple, *parts):
     """Build (or find) the derivative graph of the request for one row; return ``(handle, paths)`` or
-    ``(-1, ())`` when the request is not one generated graph. Called by dynamo, never traced."""
+    ``(-1, ())`` when the request is not one generated graph. Called by dynamo, never traced.
+
+    A plain function comes as ``parts`` (code, module name, number of defaults, the defaults, the closure
+    contents; one argument each, so that dynamo converts each one) and is rebuilt here:
+    a function created inside the compiled region (``lambda z: net(z)[:, :1]``) exists only as dynamo's
+    model of it while the region is traced."""
     from . import _api
 
     _purge()
+    keep = None
+    if parts:
+        obj, code, module, nd = parts[:4]
+        defaults, cells = parts[4 : 4 + nd] or None, parts[4 + nd :]
+        f = keep = types.FunctionType(code, sys.modules[module].__dict__, code.co_name, defaults,
+                                      tuple(types.CellType(c) for c in cells) or None)
+        if obj is not None:  # a bound method
+            f = keep = types.MethodType(f, obj)
     fn = getattr(_api, op)
     kw = dict(options)
     if "spec" in kw:
@@ -130,7 +158,7 @@ def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, option
     finally:
         _engine.RECORD = record
     if not hits:
-        return (-1, ())
+        return (-1, (), 0)
     runner, entry = hits[-1]
     h = _BY_RUNNER.get(id(runner))
     if h is None:
@@ -141,25 +169,45 @@ def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, option
             if p is not None:
                 paths[i] = p
             elif c.requires_grad:  # cannot be lifted: its gradient would be lost
-                return (-1, ())
+                return (-1, (), 0)
         h = next(_ids)
         try:
-            owner = weakref.ref(_engine._owner(f)[0])
+            owner = (lambda: keep) if keep is not None else weakref.ref(_engine._owner(f)[0])
         except TypeError:
-            return (-1, ())
-        _TABLE[h] = (owner, runner, entry.constants, paths, batched)
+            return (-1, (), 0)
+        gm = entry.gm
+        # make_fx's _tensor_constantN: buffers of the graph module (plain attributes in some versions)
+        names = tuple(dict.fromkeys([k for k, _ in gm.named_buffers() if "." not in k]
+                                    + [k for k, v in vars(gm).items() if isinstance(v, Tensor)]))
+        _TABLE[h] = (owner, runner, entry.constants, paths, batched, gm, names)
+        for i, k in enumerate(names):
+            setattr(_HOLDER, f"c{h}_{i}", getattr(gm, k))
         _BY_RUNNER[id(runner)] = h
-    paths = _TABLE[h][3]
-    return (h, tuple(paths.values()))
+    paths, names = _TABLE[h][3], _TABLE[h][6]
+    return (h, tuple(paths.values()), len(names))
+
+
+class _Holder:
+    """The generated graphs' own tensor constants (seeds, index tables), one attribute per handle and
+    constant: read in traced code, dynamo lifts them as inputs of the user's graph, so that no real tensor
+    is met inside :func:`_apply` (inductor's fake-tensor pass refuses those). Each attribute is written once
+    and removed only with its handle."""
+
+
+_HOLDER = _Holder()
 
 
 @torch._dynamo.nonstrict_trace
-def _apply(h: int, x: Tensor, consts: tuple):
-    """Run the generated graph of handle ``h`` on ``x`` with the traced ``consts``; aot_autograd traces it."""
-    _, runner, constants, paths, batched = _TABLE[h]
+def _apply(h: int, x: Tensor, consts: tuple, extra: tuple):
+    """Run the generated graph of handle ``h`` on ``x`` with the traced ``consts`` (the tensors of ``f``) and
+    ``extra`` (the graph's own constants); aot_autograd traces it."""
+    _, runner, constants, paths, batched, gm, names = _TABLE[h]
     saved = list(constants)
     for pos, c in zip(paths, consts):
         constants[pos] = c
+    own = [getattr(gm, k) for k in names]
+    for k, t in zip(names, extra):
+        setattr(gm, k, t)
     try:
         if not batched:
             return runner(x)
@@ -170,6 +218,8 @@ def _apply(h: int, x: Tensor, consts: tuple):
         return torch.vmap(row)(x)
     finally:
         constants[:] = saved
+        for k, t in zip(names, own):
+            setattr(gm, k, t)
 
 
 @torch.compiler.disable
@@ -189,11 +239,23 @@ def call(op: str, f, x: Tensor, **kw):
         kw["weights"] = kw["weights"].tolist()
     options = tuple(sorted((k, _frozen(v)) for k, v in kw.items()))
     ins = tuple(x.shape[1:]) if batched else tuple(x.shape)
-    h, paths = _plan(op, f, ins, batched, x.dtype, x.device, getattr(f, "training", None), options)
+    parts = ()
+    fn = f.__func__ if isinstance(f, types.MethodType) else f
+    if isinstance(fn, types.FunctionType):
+        try:
+            cells = fn.__closure__ or ()
+        except AttributeError:  # a function created inside the compiled region: dynamo cannot show its cells
+            return _eager(op, f, x, kw)
+        defaults = fn.__defaults__ or ()
+        parts = (f.__self__ if isinstance(f, types.MethodType) else None, fn.__code__, fn.__module__,
+                 len(defaults), *defaults, *[c.cell_contents for c in cells])
+    h, paths, n_extra = _plan(op, None if parts else f, ins, batched, x.dtype, x.device, getattr(f, "training", None),
+                     options, *parts)
     if h < 0:
         return _eager(op, f, x, kw)
     consts = tuple(_resolve(f, p) for p in paths)
-    return _apply(h + 0, x, consts)  # `+ 0`: a plain constant, not one dynamo would guard on
+    extra = tuple(getattr(_HOLDER, f"c{h}_{i}") for i in range(n_extra))
+    return _apply(h + 0, x, consts, extra)  # `+ 0`: a plain constant, not one dynamo would guard on
 
 
 def _frozen(v):

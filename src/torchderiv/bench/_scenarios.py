@@ -259,6 +259,11 @@ def build_registry() -> None:
         baseline="autograd.grad loop over outputs", reference="vmap(jacrev)", op="jacobian", hidden=True))
 
 
+    from ._training import register_training
+
+    register_training(register, Scenario, Method)
+
+
 build_registry()
 
 
