@@ -18,6 +18,7 @@ from ._api import (
 )
 from ._capture import BatchMixingError, TraceError
 from ._engine import cache_info, clear_cache
+from ._sparsity import sparsity
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "divergence",
     "partials",
     "biharmonic",
+    "sparsity",
     "choose_method",
     "cache_info",
     "clear_cache",

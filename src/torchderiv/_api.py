@@ -8,6 +8,7 @@ from itertools import combinations_with_replacement
 import torch
 from torch import Tensor
 
+from . import _compressed
 from ._capture import TraceError
 from ._core import (
     _probe_output,
@@ -137,7 +138,7 @@ def _hessian_reverse(fname, f, x, batched, chunk_size):
 
 
 def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
-             chunk_size: int | None = None) -> Tensor:
+             chunk_size: int | None = None, sparsity: bool | None = None, layout=None) -> Tensor:
     """Per-sample Jacobians of ``f`` at ``x``.
 
     Args:
@@ -150,6 +151,13 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
             input side is smaller, see :func:`torchderiv.choose_method`; reverse when ``f`` uses an op that
             PyTorch cannot differentiate in forward mode).
         chunk_size: propagate at most this many directions at once (bounds memory).
+        sparsity: exploit the per-sample sparsity pattern detected on the traced graph
+            (:func:`torchderiv.sparsity`): one forward stream per color of a column coloring instead of one
+            per input coordinate (docs/sparsity.md). ``None``: when the cost model says it pays; ``True``:
+            always (forward mode); ``False``: never.
+        layout: ``torch.strided`` (default) or ``torch.sparse_coo``: a sparse COO tensor of the same shape
+            holding the detected pattern's entries (for large ``n``, where a dense ``[B, m, n]`` would not
+            fit); differentiable w.r.t. the parameters of ``f`` as well.
 
     Returns:
         ``[B, *out, *in]`` with ``J[b, o, i] = d f(x)[b, o] / d x[b, i]`` (``[*out, *in]`` unbatched).
@@ -163,11 +171,17 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         torch.Size([10, 4, 1])
     """
     fname = "jacobian"
-    key = _fast_key(fname, x, batched, method, chunk_size)
+    key = _fast_key(fname, x, batched, method, chunk_size, (sparsity, layout))
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
     validate(fname, f, x, batched, method, chunk_size)
+    _compressed.check_args(fname, sparsity, layout, method)
+    r = _compressed.jacobian(fname, f, x, batched, method, chunk_size, sparsity, layout, key)
+    if r is not None:
+        return r
+    if layout is torch.sparse_coo:  # f cannot be traced: the dense result, converted
+        return jacobian(f, x, batched=batched, method=method, chunk_size=chunk_size, sparsity=False).to_sparse()
     if _resolve("jacobian", method, x, batched, f, fname) == "reverse":
         return _jacobian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
@@ -183,11 +197,13 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
 
 
 def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
-                      method: str = "auto", chunk_size: int | None = None) -> Tensor:
+                      method: str = "auto", chunk_size: int | None = None, sparsity: bool | None = None) -> Tensor:
     """Diagonal of the per-sample Jacobian, ``d f(x)[b, i] / d x[b, i]``, for maps with equal per-sample
     input and output shapes.
 
-    Returns ``[B, *in]`` (``[*in]`` unbatched). Other arguments as in :func:`jacobian`.
+    Returns ``[B, *in]`` (``[*in]`` unbatched). Other arguments as in :func:`jacobian`; with ``sparsity``
+    the coloring serves the diagonal only (coordinates ``i``, ``k`` share a stream unless ``J[i, k]`` or
+    ``J[k, i]`` can be nonzero): one stream for a pointwise map.
 
     Example:
         >>> import torch, torchderiv
@@ -196,11 +212,22 @@ def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool
                 [1., 1.],
                 [1., 1.]])
     """
-    fname = "jacobian_diagonal"
+    return _jacobian_diagonal("jacobian_diagonal", f, x, batched, method, chunk_size, sparsity, False)
+
+
+def _jacobian_diagonal(fname, f, x, batched, method, chunk_size, sparsity, reduce):
+    key = _fast_key(fname, x, batched, method, chunk_size, sparsity)
+    r = fast_call(f, key, x) if key is not None else None
+    if r is not None:
+        return r
     validate(fname, f, x, batched, method, chunk_size)
+    _compressed.check_args(fname, sparsity, None, method)
+    r = _compressed.jacobian_diagonal(fname, f, x, batched, method, chunk_size, sparsity, key, reduce)
+    if r is not None:
+        return r
     ins = in_shape(x, batched)
     n = numel(ins)
-    J = jacobian(f, x, batched=batched, method=method, chunk_size=chunk_size)
+    J = jacobian(f, x, batched=batched, method=method, chunk_size=chunk_size, sparsity=False)
     outs = tuple(J.shape[(1 if batched else 0) : J.dim() - len(ins)])
     if outs != ins:
         raise ValueError(
@@ -208,15 +235,21 @@ def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool
             f"{ins} to {outs}; use torchderiv.jacobian for the full per-sample Jacobian"
         )
     lead = (x.shape[0],) if batched else ()
-    return J.reshape((*lead, n, n)).diagonal(dim1=-2, dim2=-1).reshape((*lead, *ins))
+    d = J.reshape((*lead, n, n)).diagonal(dim1=-2, dim2=-1).reshape((*lead, *ins))
+    if reduce:
+        return d.reshape(d.shape[0], -1).sum(-1) if batched else d.sum()
+    return d
 
 
 def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
-            chunk_size: int | None = None) -> Tensor:
+            chunk_size: int | None = None, sparsity: bool | None = None, layout=None) -> Tensor:
     """Per-sample Hessians ``[B, *out, *in, *in]`` of every output component.
 
     Forward mode propagates ``1 + n + n(n+1)/2`` coefficient streams in one generated pass (only the
-    pairs ``i <= j``); ``method="reverse"`` uses reverse-over-reverse (torch.func).
+    pairs ``i <= j``); ``method="reverse"`` uses reverse-over-reverse (torch.func). With ``sparsity``
+    (as in :func:`jacobian`), ``p`` colors under which every nonzero ``H_o[i, j]`` is the only nonzero of
+    its ``(color(i), color(j))`` block need ``1 + p`` plus one stream per color pair that holds a nonzero;
+    ``layout=torch.sparse_coo`` returns a sparse COO tensor.
 
     Example:
         >>> import torch, torchderiv
@@ -226,11 +259,17 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
                 [0., 6.]])
     """
     fname = "hessian"
-    key = _fast_key(fname, x, batched, method, chunk_size)
+    key = _fast_key(fname, x, batched, method, chunk_size, (sparsity, layout))
     r = fast_call(f, key, x) if key is not None else None
     if r is not None:
         return r
     validate(fname, f, x, batched, method, chunk_size)
+    _compressed.check_args(fname, sparsity, layout, method)
+    r = _compressed.hessian(fname, f, x, batched, method, chunk_size, sparsity, layout, key)
+    if r is not None:
+        return r
+    if layout is torch.sparse_coo:  # f cannot be traced: the dense result, converted
+        return hessian(f, x, batched=batched, method=method, chunk_size=chunk_size, sparsity=False).to_sparse()
     if _resolve("hessian", method, x, batched, f, fname) == "reverse":
         return _hessian_reverse(fname, f, x, batched, chunk_size)
     ins = in_shape(x, batched)
@@ -250,8 +289,10 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
 
 
 def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
-                     method: str = "auto", chunk_size: int | None = None) -> Tensor:
+                     method: str = "auto", chunk_size: int | None = None, sparsity: bool | None = None) -> Tensor:
     """Diagonal second derivatives ``d2 f(x)[b, o] / d x[b, i]^2`` as ``[B, *out, *in]``.
+
+    ``sparsity`` as in :func:`hessian` (one order-2 stream per color; one for a pointwise map).
 
     Example:
         >>> import torch, torchderiv
@@ -260,6 +301,14 @@ def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool 
     """
     fname = "hessian_diagonal"
     validate(fname, f, x, batched, method, chunk_size)
+    _compressed.check_args(fname, sparsity, None, method)
+    key = _fast_key(fname, x, batched, method, chunk_size, sparsity)
+    r = fast_call(f, key, x) if key is not None else None
+    if r is not None:
+        return r
+    r = _compressed.hessian(fname, f, x, batched, method, chunk_size, sparsity, None, key, diagonal=True)
+    if r is not None:
+        return r
     ins = in_shape(x, batched)
     n = numel(ins)
     if method == "reverse":
@@ -354,16 +403,17 @@ def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] |
 
 
 def divergence(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
-               chunk_size: int | None = None) -> Tensor:
+               chunk_size: int | None = None, sparsity: bool | None = None) -> Tensor:
     """Per-sample divergence ``sum_i d f_i / d x_i`` of a map with equal input and output shapes: ``[B]``.
+
+    ``sparsity`` as in :func:`jacobian_diagonal`.
 
     Example:
         >>> import torch, torchderiv
         >>> torchderiv.divergence(lambda x: 2 * x, torch.randn(5, 3))
         tensor([6., 6., 6., 6., 6.])
     """
-    d = jacobian_diagonal(f, x, batched=batched, method=method, chunk_size=chunk_size)
-    return d.reshape(d.shape[0], -1).sum(-1) if batched else d.sum()
+    return _jacobian_diagonal("divergence", f, x, batched, method, chunk_size, sparsity, True)
 
 
 def biharmonic(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] | None = None,
