@@ -98,6 +98,11 @@ def grouped_softmax(x):
     return torch.softmax(x.unflatten(-1, (2, 3)), -1).flatten(-2)
 
 
+def rolled(x):
+    """A square map whose Jacobian diagonal is zero beyond the first two coordinates."""
+    return torch.cat([x[:, :2].exp(), torch.roll(x[:, 2:], 1, -1).tanh()], 1)
+
+
 STRUCTURED = {  # name -> (factory, per-sample input size)
     "pointwise": (lambda: pointwise, 7),
     "conv1d": (lambda: Conv1(), 14),
@@ -107,6 +112,7 @@ STRUCTURED = {  # name -> (factory, per-sample input size)
     "gather": (lambda: gather_map, 6),
     "separable": (lambda: separable, 5),
     "grouped_softmax": (lambda: grouped_softmax, 6),
+    "rolled": (lambda: rolled, 6),
 }
 structured = pytest.mark.parametrize("name", list(STRUCTURED))
 

@@ -191,8 +191,8 @@ def jacobian_diagonal(fname, f, x, batched, method, chunk_size, sparsity, fast_k
     col = _cache(pat, "diagonal", lambda: _colored(color_diagonal(pat.J)))
     if col.p == 0 or not _pays("jacobian_diagonal", method, sparsity, None, n, n, col.p):
         return None
-    i = pat.J.diagonal().nonzero().squeeze(1)
-    src = col.colors[i]
+    nonzero = pat.J.diagonal()
+    full = bool(nonzero.all())
     ins = tuple(x.shape[1:] if batched else x.shape)
 
     def assemble(y, parts, _):
@@ -202,9 +202,14 @@ def jacobian_diagonal(fname, f, x, batched, method, chunk_size, sparsity, fast_k
                 f"{fname}: needs a map whose per-sample output shape equals its input shape, but f maps "
                 f"{ins} to {outs}; use torchderiv.jacobian for the full per-sample Jacobian")
         lead = tuple(y.shape[:1]) if batched else ()
-        P = parts.reshape(col.p, *lead, n)
-        vals = P[src, ..., i] if not lead else P[src, :, i]
-        d = _scatter(vals, i, n, lead, ins, None, None)
+        P = parts.reshape(col.p, -1, n)  # [p, B (or 1), n]
+        if col.p == 1:
+            d = P[0]
+        else:  # d[b, i] = P[color(i), b, i]: one gather
+            d = P.gather(0, col.colors.to(P.device).expand(1, P.shape[1], n))[0]
+        if not full:  # entries the pattern rules out are exact zeros
+            d = d * nonzero.to(device=d.device, dtype=d.dtype)
+        d = d.reshape((*lead, *ins))
         if reduce:
             return d.reshape(d.shape[0], -1).sum(-1) if batched else d.sum()
         return d
