@@ -107,10 +107,16 @@ def _run(fname, f, x, batched, chunk_size, directions, items, key, assemble):
     return assemble(y, torch.cat(parts), None)
 
 
+def _gather(parts: Tensor, rows: int, m: int, src: Tensor, o: Tensor) -> Tensor:
+    """``vals[b, k] = parts[src[k], b, o[k]]`` as a contiguous ``[B, nnz]`` (``B = 1`` unbatched): one
+    ``index_select`` over the streams laid side by side."""
+    flat = parts.reshape(rows, -1, m).transpose(0, 1).reshape(-1, rows * m)
+    return flat.index_select(1, (src * m + o).to(flat.device))
+
+
 def _scatter(vals: Tensor, lin: Tensor, size: int, lead: tuple, shape: tuple, layout, nd_idx) -> Tensor:
-    """Values ``[nnz, *lead]`` at flat positions ``lin`` of a ``[*lead, size]`` result shaped ``[*lead, *shape]``;
+    """Values ``[B, nnz]`` at flat positions ``lin`` of a ``[*lead, size]`` result shaped ``[*lead, *shape]``;
     sparse COO when asked (``nd_idx``: the multi-indices ``[len(shape), nnz]`` of ``lin``)."""
-    vals = vals.movedim(0, -1)  # [*lead, nnz]
     if layout is torch.sparse_coo:
         nnz = lin.numel()
         if lead:
@@ -121,7 +127,7 @@ def _scatter(vals: Tensor, lin: Tensor, size: int, lead: tuple, shape: tuple, la
             idx = nd_idx.to(vals.device)
         return torch.sparse_coo_tensor(idx, vals.reshape(-1), (*lead, *shape), is_coalesced=True,
                                        check_invariants=False)
-    out = vals.new_zeros((*lead, size)).index_copy(-1, lin.to(vals.device), vals)
+    out = vals.new_zeros((vals.shape[0], size)).index_copy_(1, lin.to(vals.device), vals)
     return out.reshape((*lead, *shape))
 
 
@@ -168,8 +174,7 @@ def jacobian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_ke
     def assemble(y, parts, _):
         lead = tuple(y.shape[:1]) if batched else ()
         out = tuple(y.shape[1:]) if batched else tuple(y.shape)
-        P = parts.reshape(col.p, *lead, m)
-        vals = P[src, ..., o] if not lead else P[src, :, o]
+        vals = _gather(parts, col.p, m, src, o)
         nd_idx = torch.cat([_unravel(o, out), _unravel(i, ins)]) if layout is torch.sparse_coo else None
         return _scatter(vals, lin, m * n, lead, (*out, *ins), layout, nd_idx)
 
@@ -248,8 +253,7 @@ def hessian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_key
     def assemble(y, parts, _):
         lead = tuple(y.shape[:1]) if batched else ()
         out = tuple(y.shape[1:]) if batched else tuple(y.shape)
-        P = parts.reshape(len(items), *lead, m)
-        vals = P[src, ..., o] if not lead else P[src, :, o]
+        vals = _gather(parts, len(items), m, src, o)
         if diagonal:
             return _scatter(vals, lin, m * n, lead, (*out, *ins), None, None)
         nd_idx = (torch.cat([_unravel(o, out), _unravel(i, ins), _unravel(j, ins)])

@@ -531,7 +531,7 @@ def jacobian_pattern(gm: fx.GraphModule, constants: list[Tensor], n: int, m: int
         with torch.no_grad():
             r = _output(_Detector(gm, constants, cols, None, n).run())
         if r is not None:
-            out[:, cols] = (r.J.reshape(cols.numel(), m) > 0).T
+            out[:, cols] = (r.J.reshape(cols.numel(), m) > 0).T.cpu()
     return out
 
 
@@ -559,7 +559,7 @@ def hessian_pattern(gm: fx.GraphModule, constants: list[Tensor], n: int, m: int,
             r = _output(_Detector(gm, constants, cols, local, n).run())
         if r is None or r.H is None:
             continue
-        nz = (r.H.reshape(pc.shape[0], m) > 0).nonzero()  # (pair, o)
+        nz = (r.H.reshape(pc.shape[0], m) > 0).nonzero().cpu()  # (pair, o)
         p, o = nz[:, 0], nz[:, 1]
         i, j = pc[p, 0], pc[p, 1]
         trip.append(torch.stack([o, i, j]))
