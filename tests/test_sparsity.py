@@ -338,14 +338,17 @@ def test_sparse_layout_round_trips_and_is_differentiable(name):
 
 
 def _count_compressed(monkeypatch):
+    """Spy on the request preparation: the operators for which the colored work was chosen."""
     calls = []
-    orig = _compressed._run
+    orig = _compressed.work
 
-    def spy(*a, **k):
-        calls.append(a[0])
-        return orig(*a, **k)
+    def spy(req, f, x, dense):
+        w = orig(req, f, x, dense)
+        if w.directions is not None:
+            calls.append(req.op)
+        return w
 
-    monkeypatch.setattr(_compressed, "_run", spy)
+    monkeypatch.setattr(_compressed, "work", spy)
     return calls
 
 
@@ -374,3 +377,25 @@ def test_cost_model_takes_sparse_maps(monkeypatch):
     td.jacobian(f, x, sparsity=False, method="forward")
     td.jacobian(f, x[:, :4], method="forward")  # n = 4: too small to pay for a detection
     assert calls == []
+
+
+def test_options_are_part_of_the_cache_key():
+    """Repeated calls replay the registered path; sparsity= and layout= select different paths."""
+    f, x = build("conv1d")
+    ref = ref_jacobian(f, x)
+    for _ in range(2):
+        assert_close(td.jacobian(f, x, sparsity=True), ref)
+        J = td.jacobian(f, x, sparsity=True, layout=torch.sparse_coo)
+        assert J.layout == torch.sparse_coo
+        assert_close(J.to_dense(), ref.detach())
+        assert td.jacobian(f, x, sparsity=False).layout == torch.strided
+    x2 = x + 1  # the replayed path computes at the new point
+    assert_close(td.jacobian(f, x2, sparsity=True), ref_jacobian(f, x2))
+
+
+def test_dense_result_in_sparse_layout_without_colors():
+    """sparsity=False with layout=torch.sparse_coo: the dense result, converted."""
+    f, x = build("attention")
+    J = td.jacobian(f, x, sparsity=False, layout=torch.sparse_coo)
+    assert J.layout == torch.sparse_coo
+    assert_close(J.to_dense(), ref_jacobian(f, x).detach())

@@ -5,8 +5,11 @@ the direction ``s_c = sum of its one-hot columns``, passed to the Taylor engine 
 shared by the whole batch; the compressed result is scattered back ("decompressed") with one gather, which
 keeps the result differentiable w.r.t. the parameters of ``f``.
 
-Each function returns the operator's result, or ``None`` when the dense path should run (``sparsity=False``,
-nothing to gain by the cost model, ``f`` cannot be traced, or an op without a forward rule).
+:func:`work` is called by :func:`torchderiv._requests.prepare` for the operators that take ``sparsity=``:
+it returns the colored :class:`~torchderiv._requests.Work` (its directions are the colors, its ``n_in``
+the number of colors, so that the dispatcher's forward/reverse choice compares the colored streams), or
+``None`` when the dense path should run (``sparsity=False``, nothing to gain by the cost model, ``f``
+cannot be traced).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._cache import captured
 from ._capture import TraceError
 from ._coloring import color_columns, color_diagonal
-from ._engine import NoForwardDerivative
 from ._sparsity import Pattern, _max_numel, detect
 
 # below this many input coordinates a detection cannot pay (sparsity=None)
@@ -70,8 +73,6 @@ def _pattern(fname, f, x, batched, order, sparsity, method, layout) -> Pattern |
         return None
     try:
         if not forced:
-            from ._engine import captured
-
             cap = captured(f, x, batched, fname)
             if n * _max_numel(cap.gm) // max(1, x.shape[0] if batched else 1) * order > MAX_DETECT:
                 return None
@@ -85,26 +86,6 @@ def _cache(pat: Pattern, key, make):
     if key not in d:
         d[key] = make()
     return d[key]
-
-
-def _run(fname, f, x, batched, chunk_size, directions, items, key, assemble):
-    """``assemble(y, parts, None)`` of the compressed partials ``parts [len(items), *y]`` along ``directions``
-    (chunked here: the engine's own chunking works on coordinates)."""
-    from ._core import taylor
-
-    if chunk_size is None or len(items) <= chunk_size:
-        return taylor(fname, f, x, items, [], batched, None, directions=directions, assemble=assemble,
-                      fast_key=key)
-    parts = []
-    y = None
-    for s in range(0, len(items), chunk_size):
-        chunk = items[s : s + chunk_size]
-        used = sorted({d for a in chunk for d in a})
-        pos = {d: r for r, d in enumerate(used)}
-        y, p, _ = taylor(fname, f, x, [tuple(pos[d] for d in a) for a in chunk], [], batched, None,
-                         directions=tuple(directions[d] for d in used))
-        parts.append(p)
-    return assemble(y, torch.cat(parts), None)
 
 
 def _gather(parts: Tensor, rows: int, m: int, src: Tensor, o: Tensor) -> Tensor:
@@ -157,7 +138,13 @@ def _pays(kind, method, sparsity, layout, n, m, streams) -> bool:
 # ----------------------------------------------------------------------------- operators
 
 
-def jacobian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_key):
+def _work(kind, p, directions, items, assemble):
+    from ._requests import Work
+
+    return Work(kind, p, items=items, directions=directions, assemble=assemble)
+
+
+def jacobian(fname, f, x, batched, method, sparsity, layout):
     pat = _pattern(fname, f, x, batched, 1, sparsity, method, layout)
     if pat is None:
         return None
@@ -165,7 +152,7 @@ def jacobian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_ke
     if not _pays("jacobian", method, sparsity, layout, n, m, int(pat.J.sum(1).max()) if m else 0):
         return None  # a lower bound on the colors already says no
     col = _cache(pat, "jacobian", lambda: _colored(color_columns(pat.J)))
-    if not _pays("jacobian", method, sparsity, layout, n, m, col.p):
+    if col.p == 0 or not _pays("jacobian", method, sparsity, layout, n, m, col.p):
         return None
     o, i = pat.J.nonzero().unbind(1)
     src, lin = col.colors[i], o * n + i
@@ -178,16 +165,10 @@ def jacobian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_ke
         nd_idx = torch.cat([_unravel(o, out), _unravel(i, ins)]) if layout is torch.sparse_coo else None
         return _scatter(vals, lin, m * n, lead, (*out, *ins), layout, nd_idx)
 
-    if col.p == 0:
-        return None
-    try:
-        return _run(fname, f, x, batched, chunk_size, col.directions, [(c,) for c in range(col.p)],
-                    fast_key, assemble)
-    except NoForwardDerivative:
-        return None
+    return _work("jacobian", col.p, col.directions, [(c,) for c in range(col.p)], assemble)
 
 
-def jacobian_diagonal(fname, f, x, batched, method, chunk_size, sparsity, fast_key, reduce=False):
+def jacobian_diagonal(fname, f, x, batched, method, sparsity, reduce=False):
     """The diagonal ``[B, *in]`` (``reduce``: its per-sample sum, the divergence)."""
     pat = _pattern(fname, f, x, batched, 1, sparsity, method, None)
     if pat is None or pat.m != pat.n:
@@ -219,14 +200,10 @@ def jacobian_diagonal(fname, f, x, batched, method, chunk_size, sparsity, fast_k
             return d.reshape(d.shape[0], -1).sum(-1) if batched else d.sum()
         return d
 
-    try:
-        return _run(fname, f, x, batched, chunk_size, col.directions, [(c,) for c in range(col.p)],
-                    fast_key, assemble)
-    except NoForwardDerivative:
-        return None
+    return _work("jacobian", col.p, col.directions, [(c,) for c in range(col.p)], assemble)
 
 
-def hessian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_key, diagonal=False):
+def hessian(fname, f, x, batched, method, sparsity, layout, diagonal=False):
     """The per-sample Hessians ``[B, *out, *in, *in]`` (``diagonal``: ``[B, *out, *in]``)."""
     pat = _pattern(fname, f, x, batched, 2, sparsity, method, layout)
     if pat is None:
@@ -260,7 +237,34 @@ def hessian(fname, f, x, batched, method, chunk_size, sparsity, layout, fast_key
                   if layout is torch.sparse_coo else None)
         return _scatter(vals, lin, m * n * n, lead, (*out, *ins, *ins), layout, nd_idx)
 
-    try:
-        return _run(fname, f, x, batched, chunk_size, col.directions, items, fast_key, assemble)
-    except NoForwardDerivative:
-        return None
+    return _work("taylor" if diagonal else "hessian", col.p, col.directions, items, assemble)
+
+
+OPS = ("jacobian", "jacobian_diagonal", "hessian", "hessian_diagonal", "divergence")
+
+
+def work(req, f, x, dense):
+    """The colored work of ``req`` (see the module docstring), else the dense one (``dense(req, f, x)``),
+    converted to a sparse COO result when ``layout=torch.sparse_coo`` asks for it."""
+    sparsity, layout = req.opt("sparsity"), req.opt("layout")
+    check_args(req.op, sparsity, layout, req.method)
+    if req.op == "jacobian":
+        w = jacobian(req.op, f, x, req.batched, req.method, sparsity, layout)
+    elif req.op in ("jacobian_diagonal", "divergence"):
+        w = jacobian_diagonal(req.op, f, x, req.batched, req.method, sparsity, req.op == "divergence")
+    else:
+        w = hessian(req.op, f, x, req.batched, req.method, sparsity, layout, req.op == "hessian_diagonal")
+    if w is not None:
+        # reverse mode (method="auto" where the outputs are few): the dense operator's own reverse form
+        w.reverse = lambda: _as_layout(dense(req, f, x).reverse(), layout)
+        return w
+    w = dense(req, f, x)
+    if layout is torch.sparse_coo:
+        a, r = w.assemble, w.reverse
+        w.assemble = lambda *res: a(*res).to_sparse()
+        w.reverse = None if r is None else (lambda: r().to_sparse())
+    return w
+
+
+def _as_layout(t: Tensor, layout) -> Tensor:
+    return t.to_sparse() if layout is torch.sparse_coo else t

@@ -619,7 +619,7 @@ class Pattern:
 
 def detect(f, x: Tensor, batched: bool, order: int, fname: str) -> Pattern:
     """The pattern of ``f`` at inputs shaped like ``x`` (cached with the derivative graphs of ``f``)."""
-    from ._engine import _mode, _slot, _state, captured
+    from ._cache import Entry, _mode, _slot, _state, captured
 
     if batched and x.shape[0] > 1:
         captured(f, x, batched, fname)  # checks that rows do not interact, on the real batch
@@ -639,8 +639,6 @@ def detect(f, x: Tensor, batched: bool, order: int, fname: str) -> Pattern:
     J = jacobian_pattern(cap.gm, consts, n, m)
     H = hessian_pattern(cap.gm, consts, n, m, J) if order == 2 else None
     pat = Pattern(m, n, J, H)
-    from ._engine import Entry
-
     slot[key] = (pat, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return pat
 
@@ -671,10 +669,15 @@ def sparsity(f, x: Tensor, *, order: int = 1, batched: bool = True) -> Tensor:
                 [False, False,  True]])
     """
     from ._capture import TraceError
-    from ._core import validate
 
     fname = "sparsity"
-    validate(fname, f, x, batched, "forward", None)
+    if not callable(f):
+        raise TypeError(f"{fname}: f must be callable (an nn.Module or a function of one tensor), got {type(f)}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fname}: x must be a floating-point torch.Tensor (only its shape, dtype and device are "
+                        f"used), got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+    if batched and x.dim() < 1:
+        raise ValueError(f"{fname}: batched=True expects x of shape [B, *in]; pass batched=False for one point")
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(f"{fname}: order must be 1 (Jacobian pattern) or 2 (Hessian pattern), got {order!r}")
     try:
