@@ -399,3 +399,29 @@ def test_dense_result_in_sparse_layout_without_colors():
     J = td.jacobian(f, x, sparsity=False, layout=torch.sparse_coo)
     assert J.layout == torch.sparse_coo
     assert_close(J.to_dense(), ref_jacobian(f, x).detach())
+
+
+FAMILY_CASES = ["moe_top2_gather", "gnn_scatter_add", "gnn_index_add_", "unet1d_pool_convtranspose",
+                "pointnet_max_dim", "mamba_scan_cumsum", "pixel_shuffle", "conv2d_groups", "conv1d_circular_reflect",
+                "causal_attention_where_heads", "sdpa_causal", "std_var_logsumexp_cumsum", "max_clamp_relu"]
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_family_patterns_contain_every_nonzero(name):
+    """Scatter/gather, pooling, transposed convolutions, scans, attention with masks: the detected pattern
+    contains the support of the dense derivatives (the dense path, itself checked against torch.func in
+    test_zoo_unseen.py / test_zoo_families.py)."""
+    from test_zoo_families import FAMS
+    from test_zoo_unseen import CASES
+
+    case = {c.name: c for c in [*CASES, *FAMS]}[name]
+    built = case.build()
+    model, x = built[0], built[-1]
+    n = x[0].numel()
+    P1 = td.sparsity(model, x).to_dense()
+    T1 = td.jacobian(model, x, sparsity=False).reshape(x.shape[0], -1, n).ne(0).any(0)
+    assert not (T1 & ~P1).any(), name
+    if getattr(case, "smooth", True):
+        P2 = td.sparsity(model, x, order=2).to_dense()
+        T2 = td.hessian(model, x, sparsity=False).reshape(x.shape[0], -1, n, n).ne(0).any(0)
+        assert not (T2 & ~P2).any(), name

@@ -308,6 +308,7 @@ class _Detector:
         self.pairs = pairs  # [P, 2] positions into cols, or None (order 1)
         self.n = n
         self.gen = torch.Generator().manual_seed(0)
+        self.coarse: set[str] = set()  # ops that got the conservative rule (reported by Pattern.coarse)
 
     def run(self):
         nodes = list(self.gm.graph.nodes)
@@ -383,6 +384,7 @@ class _Detector:
         bil = None
         if complex_:
             lin, nonlinear = self._conservative(metas), True
+            self.coarse.add(name)
         elif pointwise or name in _LINEAR_POINTWISE:
             pos = dep_pos
             if name in ("where",):
@@ -419,6 +421,7 @@ class _Detector:
             sur = None if index_from_x else _nonlinear_surrogate(nd, name, metas)
             if sur is None:
                 lin, nonlinear = self._conservative(metas), True
+                self.coarse.add(name)
             else:
                 f, first = sur
                 pos = {0: first} if first is not None else _arg_positions(nd.args, nd.kwargs)
@@ -432,6 +435,7 @@ class _Detector:
         try:
             return self._apply(flat, dep_pos, lin, nonlinear, bil, meta, metas)
         except Exception:  # noqa: BLE001 - a surrogate that cannot run here: never wrong, only coarser
+            self.coarse.add(name)
             return self._apply(flat, dep_pos, self._conservative(metas), True, None, meta, metas)
 
     def _conservative(self, metas):
@@ -522,14 +526,19 @@ def _output(res) -> Tensor | None:
     return res if isinstance(res, _Dep) else None
 
 
-def jacobian_pattern(gm: fx.GraphModule, constants: list[Tensor], n: int, m: int) -> Tensor:
-    """Order-1 pattern ``[m, n]`` (bool, dense) of the one-sample graph ``gm``."""
+def jacobian_pattern(gm: fx.GraphModule, constants: list[Tensor], n: int, m: int, coarse: set | None = None
+                     ) -> Tensor:
+    """Order-1 pattern ``[m, n]`` (bool, dense) of the one-sample graph ``gm``; the names of the ops that got
+    the conservative rule are added to ``coarse``."""
     chunk = max(1, min(n, _BUDGET // _max_numel(gm)))
     out = torch.zeros(m, n, dtype=torch.bool)
     for s in range(0, n, chunk):
         cols = torch.arange(s, min(n, s + chunk))
         with torch.no_grad():
-            r = _output(_Detector(gm, constants, cols, None, n).run())
+            det = _Detector(gm, constants, cols, None, n)
+            r = _output(det.run())
+            if coarse is not None:
+                coarse |= det.coarse
         if r is not None:
             out[:, cols] = (r.J.reshape(cols.numel(), m) > 0).T.cpu()
     return out
@@ -609,6 +618,7 @@ class Pattern:
     n: int
     J: Tensor
     H: Tensor | None = None
+    coarse: tuple = ()  # ops that got the conservative rule (everything depends on everything in the row)
 
     def hessian_rows(self) -> Tensor:
         """``R [m, n]``: ``R[o, i]`` when row ``i`` of output ``o``'s Hessian has a nonzero."""
@@ -636,9 +646,10 @@ def detect(f, x: Tensor, batched: bool, order: int, fname: str) -> Pattern:
     out = tuple(cap.out_val.shape[1:]) if batched else tuple(cap.out_val.shape)
     m = numel(out)
     consts = [c.detach() for c in cap.constants]
-    J = jacobian_pattern(cap.gm, consts, n, m)
+    coarse: set = set()
+    J = jacobian_pattern(cap.gm, consts, n, m, coarse)
     H = hessian_pattern(cap.gm, consts, n, m, J) if order == 2 else None
-    pat = Pattern(m, n, J, H)
+    pat = Pattern(m, n, J, H, tuple(sorted(coarse)))
     slot[key] = (pat, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return pat
 
