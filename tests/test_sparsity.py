@@ -425,3 +425,26 @@ def test_family_patterns_contain_every_nonzero(name):
         P2 = td.sparsity(model, x, order=2).to_dense()
         T2 = td.hessian(model, x, sparsity=False).reshape(x.shape[0], -1, n, n).ne(0).any(0)
         assert not (T2 & ~P2).any(), name
+
+
+class Pool(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(torch.tanh(self.c(x.unflatten(-1, (1, 6, 6)))), 2).flatten(1)
+
+
+def test_max_pool_reads_its_whole_window():
+    """Which entry of a window is the maximum depends on x: the pattern is the window's (an average pool's)."""
+    torch.manual_seed(0)
+    fmax = Pool(nn.functional.max_pool2d).to(DT)
+    favg = Pool(nn.functional.avg_pool2d).to(DT)
+    x = torch.randn(3, 36, dtype=DT)
+    P = td.sparsity(fmax, x).to_dense()
+    assert torch.equal(P, td.sparsity(favg, x).to_dense())
+    assert torch.equal(P, true_J(favg, x))
+    assert not (true_J(fmax, x) & ~P).any()
+    assert detect(fmax, x, True, 1, "test").coarse == ()

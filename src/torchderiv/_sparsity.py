@@ -190,6 +190,24 @@ def _nonlinear_surrogate(n: fx.Node, name: str, metas):
             return outs[0] if len(metas) == 1 else tuple(outs)
 
         return lin, 0
+    if name in ("max_pool2d_with_indices", "max_pool3d_with_indices"):
+        d = 2 if name.startswith("max_pool2d") else 3
+        k = _arg(n, 1, "kernel_size")
+        stride = _arg(n, 2, "stride") or k
+        pad = _arg(n, 3, "padding", 0)
+        dil = _arg(n, 4, "dilation", 1)
+        ceil = _arg(n, 5, "ceil_mode", False)
+        if any(v != 1 for v in (dil if isinstance(dil, (list, tuple)) else [dil])):
+            return None
+        pool = torch.nn.functional.avg_pool2d if d == 2 else torch.nn.functional.avg_pool3d
+
+        def lin(P):  # the window a maximum is taken over: an average pool with the same geometry
+            X = P[0]
+            Y = pool(X.reshape(-1, *X.shape[X.dim() - d - 1 :]), k, stride, pad, ceil_mode=ceil,
+                     count_include_pad=True)
+            return (Y.reshape(X.shape[0], *m0.shape), None)
+
+        return lin, 0
     if name == "native_layer_norm":
         k = len(_arg(n, 1, "normalized_shape"))
 
