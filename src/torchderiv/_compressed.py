@@ -6,8 +6,9 @@ shared by the whole batch; the compressed result is scattered back ("decompresse
 keeps the result differentiable w.r.t. the parameters of ``f``.
 
 :func:`work` is called by :func:`torchderiv._requests.prepare` for the operators that take ``sparsity=``:
-it returns the colored :class:`~torchderiv._requests.Work` (its directions are the colors, its ``n_in``
-the number of colors, so that the dispatcher's forward/reverse choice compares the colored streams), or
+it returns the colored :class:`~torchderiv._requests.Work` (its directions are the colors, so that the
+dispatcher's forward/reverse choice prices the colored streams; ``n_in`` stays the input size, which
+prices reverse mode), or
 ``None`` when the dense path should run (``sparsity=False``, nothing to gain by the cost model, ``f``
 cannot be traced).
 """
@@ -138,10 +139,10 @@ def _pays(kind, method, sparsity, layout, n, m, streams) -> bool:
 # ----------------------------------------------------------------------------- operators
 
 
-def _work(kind, p, directions, items, assemble):
+def _work(kind, n, directions, items, assemble):
     from ._requests import Work
 
-    return Work(kind, p, items=items, directions=directions, assemble=assemble)
+    return Work(kind, n, items=items, directions=directions, assemble=assemble)
 
 
 def jacobian(fname, f, x, batched, method, sparsity, layout):
@@ -165,7 +166,7 @@ def jacobian(fname, f, x, batched, method, sparsity, layout):
         nd_idx = torch.cat([_unravel(o, out), _unravel(i, ins)]) if layout is torch.sparse_coo else None
         return _scatter(vals, lin, m * n, lead, (*out, *ins), layout, nd_idx)
 
-    return _work("jacobian", col.p, col.directions, [(c,) for c in range(col.p)], assemble)
+    return _work("jacobian", n, col.directions, [(c,) for c in range(col.p)], assemble)
 
 
 def jacobian_diagonal(fname, f, x, batched, method, sparsity, reduce=False):
@@ -200,7 +201,7 @@ def jacobian_diagonal(fname, f, x, batched, method, sparsity, reduce=False):
             return d.reshape(d.shape[0], -1).sum(-1) if batched else d.sum()
         return d
 
-    return _work("jacobian", col.p, col.directions, [(c,) for c in range(col.p)], assemble)
+    return _work("jacobian", n, col.directions, [(c,) for c in range(col.p)], assemble)
 
 
 def hessian(fname, f, x, batched, method, sparsity, layout, diagonal=False):
@@ -237,7 +238,7 @@ def hessian(fname, f, x, batched, method, sparsity, layout, diagonal=False):
                   if layout is torch.sparse_coo else None)
         return _scatter(vals, lin, m * n * n, lead, (*out, *ins, *ins), layout, nd_idx)
 
-    return _work("taylor" if diagonal else "hessian", col.p, col.directions, items, assemble)
+    return _work("taylor" if diagonal else "hessian", n, col.directions, items, assemble)
 
 
 OPS = ("jacobian", "jacobian_diagonal", "hessian", "hessian_diagonal", "divergence")
