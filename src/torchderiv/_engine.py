@@ -166,13 +166,21 @@ def seeds(plan_dirs: list, x: torch.Tensor, batched: bool) -> torch.Tensor:
 
 
 def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool,
-          outputs: tuple[int, ...] | None = None) -> fx.GraphModule:
+          outputs: tuple[int, ...] | None = None, seed_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
     """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``.
 
     ``outputs`` names the orders the caller reads; the others come back as ``None`` and the work that
-    only they needed (the last layers' lower-order coefficients of a Laplacian) is removed from the graph."""
+    only they needed (the last layers' lower-order coefficients of a Laplacian) is removed from the graph.
 
-    def taylor(xx, *consts):
+    With ``seed_shape`` (``[R, B or 1, *in]``), the first-order seeds are not baked in as constants but
+    are a graph input: ``(x, seeds, *constants)``; ``dirs`` is then unused (random directions drawn
+    afresh on every call reuse one graph, see :mod:`torchderiv._random`)."""
+
+    def taylor(xx, *rest):
+        if seed_shape is not None:
+            s, consts = rest[0], rest[1:]
+        else:
+            s, consts = s_const, rest
         ctx = Ctx(plan)
         xj = Jet(xx, [s] + [None] * (plan.order - 1))
         out = _interpret(ctx, cap.gm, [xj, *consts])
@@ -199,8 +207,9 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
         holders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][1:]
         consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
         xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
-        s = seeds(dirs, x, batched)
-        gm = make_fx(taylor)(xb, *consts)
+        s_const = None if seed_shape is not None else seeds(dirs, x, batched)
+        sb = () if seed_shape is None else (torch.zeros(seed_shape, dtype=x.dtype, device=x.device),)
+        gm = make_fx(taylor)(xb, *sb, *consts)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -544,16 +553,18 @@ def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
 
 
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
-                     fname: str, outputs: tuple[int, ...] | None = None) -> Entry:
+                     fname: str, outputs: tuple[int, ...] | None = None,
+                     seed_shape: tuple[int, ...] | None = None) -> Entry:
     slot = _slot(f)
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs)
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs, seed_shape)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
     else:
         cap = captured(f, x, batched, fname)
         try:
-            e = Entry(gm=build(cap, plan, dirs, x, batched, outputs), constants=cap.constants, **_state(f, cap))
+            gm = build(cap, plan, dirs, x, batched, outputs, seed_shape)
+            e = Entry(gm=gm, constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive
             e = Entry(gm=None, constants=cap.constants, error=type(err)(*err.args), **_state(f, cap))
