@@ -499,3 +499,29 @@ def test_generator_on_the_wrong_device():
         g = torch.Generator(device="cuda")
         with pytest.raises(ValueError, match=r"generator is on cuda.* but x is on cpu"):
             torchderiv.laplacian(net, x, estimator="gaussian", samples=2, generator=g)
+
+
+# ----------------------------------------------------------------------------- examples/high_dim_pde.py
+
+
+def test_high_dim_example_source_and_a_few_steps():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import high_dim_pde as ex
+
+    c = ex.coefficients(7, F64, "cpu")
+    x = ex.sample_ball(6, 7, torch.Generator().manual_seed(0), F64, "cpu")
+    assert bool((x.norm(dim=1) < 1).all())
+    u, g = ex.solution_and_source(x, c)
+    # the closed-form source against the exact collapsed Laplacian of the closed-form solution
+    lap = torchderiv.laplacian(lambda z: ex.solution_and_source(z, c)[0], x)
+    torch.testing.assert_close(lap, g, atol=1e-10, rtol=1e-10)
+    n = torch.get_num_threads()
+    try:
+        r = ex.main(["--dim", "12", "--steps", "60", "--points", "32", "--samples", "4", "--width", "16",
+                     "--test-points", "200", "--eval-every", "30", "--lr", "3e-3", "--float64"])
+    finally:
+        torch.set_num_threads(n)
+    assert r["finite"] and r["rel_l2"] < 0.5 * r["rel_l2_init"], r  # it learns
