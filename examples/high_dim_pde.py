@@ -95,12 +95,10 @@ def solution_and_source(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Ansatz(nn.Module):
-    """``u(x) = (1 - |x|^2) N(sqrt(D) x)``: zero on the sphere by construction; ``N`` a tanh MLP. Points of
-    the ball have coordinates of size about ``1 / sqrt(D)``: ``N`` sees them scaled to size about 1."""
+    """``u(x) = (1 - |x|^2) N(x)``: zero on the sphere by construction; ``N`` a tanh MLP."""
 
     def __init__(self, dim: int, width: int, depth: int):
         super().__init__()
-        self.scale = math.sqrt(dim)
         sizes = [dim] + [width] * depth + [1]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -111,7 +109,7 @@ class Ansatz(nn.Module):
         self.net = nn.Sequential(*layers[:-1])
 
     def forward(self, x):
-        return (1 - (x * x).sum(-1, keepdim=True)) * self.net(x * self.scale)
+        return (1 - (x * x).sum(-1, keepdim=True)) * self.net(x)
 
 
 # ----------------------------------------------------------------------------- training

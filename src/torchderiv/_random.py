@@ -21,6 +21,7 @@ of the collapsed stream and the orders read are part of its cache key.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,20 +29,44 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from ._cache import check_output, derivative_graph, fast_call, register_fast
 from ._capture import TraceError
-from ._core import check_output, in_shape, numel, per_sample, validate
-from ._engine import derivative_graph, fast_call, register_fast
+from ._fallback import per_sample
 from ._jet import full
 from ._plan import Plan
+from ._requests import Request, check_dims, in_shape
 
 ESTIMATORS = ("rademacher", "gaussian", "coordinates")
 _OPTS = ("estimator", "samples", "generator", "return_stderr", "shared", "directions")
 
 
-def wants_random(estimator, samples, generator, return_stderr, shared, directions) -> bool:
-    """Whether a call asks for a randomized estimate (any of the estimator options set)."""
-    return (estimator is not None or samples is not None or generator is not None or bool(return_stderr)
-            or bool(shared) or directions is not None)
+def numel(shape) -> int:
+    return math.prod(shape)
+
+
+def is_random(req: Request) -> bool:
+    """Whether a request asks for a randomized estimate (any of the estimator options set)."""
+    return (req.opt("estimator") is not None or req.opt("samples") is not None or req.opt("generator") is not None
+            or bool(req.opt("return_stderr")) or bool(req.opt("shared")) or req.opt("directions") is not None)
+
+
+def run(req: Request, f, x: Tensor):
+    """The randomized form of ``req`` (after the dispatcher's validation): every option of the request is
+    read here; the generated graph is cached under its own key (see :func:`directional`), and nothing is
+    registered under the request's key, as every call must draw new directions."""
+    o = {k: req.opt(k) for k in _OPTS}
+    for flag in ("return_stderr", "shared"):
+        if o[flag] is None:
+            o[flag] = False
+    if req.op == "laplacian":
+        return laplacian(f, x, dims=req.opt("dims"), weights=req.opt("weights"), batched=req.batched,
+                         method=req.method, chunk_size=req.chunk_size, **o)
+    if req.op == "divergence":
+        return divergence(f, x, batched=req.batched, method=req.method, chunk_size=req.chunk_size, **o)
+    if req.op == "biharmonic":
+        return biharmonic(f, x, dims=req.opt("dims"), batched=req.batched, method=req.method,
+                          chunk_size=req.chunk_size, **o)
+    raise ValueError(f"{req.op}: has no randomized estimator")  # pragma: no cover - only these three take one
 
 
 # ----------------------------------------------------------------------------- options
@@ -345,10 +370,7 @@ def _combine(T: Tensor, d: Draw, extra: float):
 
 def laplacian(f, x: Tensor, *, dims, weights, batched: bool, method: str, chunk_size, estimator, samples,
               generator, return_stderr, shared, directions):
-    from ._api import _check_dims  # the exact operators' dims check (lazy: _api imports this module)
-
     fname = "laplacian"
-    validate(fname, f, x, batched, method, chunk_size)
     opts = check_options(fname, x, batched, method, estimator, samples, generator, return_stderr, shared,
                          directions)
     n = numel(in_shape(x, batched))
@@ -359,9 +381,9 @@ def laplacian(f, x: Tensor, *, dims, weights, batched: bool, method: str, chunk_
                              f"S S^T = C)")
         fams = []
     else:
-        fams = families(fname, n, dims, weights, _check_dims)
+        fams = families(fname, n, dims, weights, check_dims)
         if opts.estimator == "coordinates":
-            D = len(_check_dims(fname, dims, n))
+            D = len(check_dims(fname, dims, n))
             if opts.samples > D:
                 raise ValueError(f"{fname}: estimator='coordinates' draws samples={opts.samples} of the D={D} "
                                  f"coordinates without replacement; pass samples <= {D}")
@@ -381,13 +403,10 @@ def _estimate(fname, f, x, d: Draw, order: int, extra: float, batched, return_st
     return _combine(T, d, extra)
 
 
-def biharmonic(f, x: Tensor, *, dims, batched: bool, chunk_size, estimator, samples, generator,
+def biharmonic(f, x: Tensor, *, dims, batched: bool, method: str, chunk_size, estimator, samples, generator,
                return_stderr, shared, directions):
-    from ._api import _check_dims
-
     fname = "biharmonic"
-    validate(fname, f, x, batched, "forward", chunk_size)
-    opts = check_options(fname, x, batched, "forward", estimator, samples, generator, return_stderr, shared,
+    opts = check_options(fname, x, batched, method, estimator, samples, generator, return_stderr, shared,
                          directions, allowed=("gaussian",))
     n = numel(in_shape(x, batched))
     if opts.directions is not None:
@@ -396,7 +415,7 @@ def biharmonic(f, x: Tensor, *, dims, batched: bool, chunk_size, estimator, samp
                              f"with it (put zeros outside dims in the directions)")
         fams = []
     else:
-        fams = families(fname, n, dims, None, _check_dims)
+        fams = families(fname, n, dims, None, check_dims)
         if not fams:
             with torch.no_grad():
                 y = f(x)
@@ -409,7 +428,6 @@ def biharmonic(f, x: Tensor, *, dims, batched: bool, chunk_size, estimator, samp
 def divergence(f, x: Tensor, *, batched: bool, method: str, chunk_size, estimator, samples, generator,
                return_stderr, shared, directions):
     fname = "divergence"
-    validate(fname, f, x, batched, method, chunk_size)
     opts = check_options(fname, x, batched, method, estimator, samples, generator, return_stderr, shared,
                          directions)
     ins = in_shape(x, batched)
