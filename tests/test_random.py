@@ -525,3 +525,46 @@ def test_high_dim_example_source_and_a_few_steps():
     finally:
         torch.set_num_threads(n)
     assert r["finite"] and r["rel_l2"] < 0.5 * r["rel_l2_init"], r  # it learns
+
+
+# ----------------------------------------------------------------------------- bench rows
+
+
+def test_bench_stochastic_rows_report_rel_rms(monkeypatch, tmp_path, capsys):
+    """A stochastic bench row is not checked to rtol: it gets a relative RMS error over repeated calls,
+    and a wrong estimator shows up there (a scaled copy has the scale's error)."""
+    import json
+
+    from torchderiv.__main__ import main
+    from torchderiv.bench import SCENARIOS, Method, Scenario
+    from torchderiv.bench import _methods as M
+    from torchderiv.bench import _stochastic as S
+    from torchderiv.bench._scenarios import mlp as bench_mlp
+
+    def twice(s):
+        r = S.td_random("laplacian", "coordinates", 6)(s)
+        return lambda: (2 * r()[0],)
+
+    def make():
+        torch.manual_seed(0)
+        return M.Setup(bench_mlp(6, 8, 1), torch.randn(8, 6))
+
+    sc = Scenario("tiny-random", "tiny randomized Laplacian", make,
+                  [Method("exact", M.td_op("laplacian"), kind="torchderiv"),
+                   Method("rademacher K=3", S.td_random("laplacian", "rademacher", 3), stochastic=True),
+                   Method("coordinates K=6 (exact)", S.td_random("laplacian", "coordinates", 6), stochastic=True),
+                   Method("twice", twice, stochastic=True),
+                   Method("vmap(jvp(jvp)) K=3", S.tf_hutchinson_laplacian(3), stochastic=True)],
+                  baseline="exact", reference="exact", op="laplacian", hidden=True, error_reps=20)
+    monkeypatch.setitem(SCENARIOS, "tiny-random", sc)
+    js = tmp_path / "r.json"
+    assert main(["bench", "tiny-random", "--quick", "--repeat", "2", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "rel RMS err" in out
+    ms = {m["name"]: m for m in json.loads(js.read_text())["scenarios"][0]["methods"]}
+    assert ms["exact"]["rel_rms_err"] < 1e-5 and not ms["exact"]["stochastic"]
+    assert ms["coordinates K=6 (exact)"]["rel_rms_err"] < 1e-5  # K = D coordinates: the exact value
+    assert abs(ms["twice"]["rel_rms_err"] - 1.0) < 1e-5
+    for name in ("rademacher K=3", "vmap(jvp(jvp)) K=3"):
+        assert ms[name]["stochastic"] and ms[name]["status"] == "ok"
+        assert 1e-4 < ms[name]["rel_rms_err"] < 10
