@@ -50,6 +50,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-final", type=float, default=0.05, help="exponential decay to lr * lr_final")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=3, help="tanh hidden layers")
+    p.add_argument("--scale-inputs", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed sqrt(D) x to the MLP (coordinates of size about 1) and start its last layer at zero")
     p.add_argument("--test-points", type=int, default=2000, help="held-out points (fixed seed)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -95,10 +97,13 @@ def solution_and_source(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Ansatz(nn.Module):
-    """``u(x) = (1 - |x|^2) N(x)``: zero on the sphere by construction; ``N`` a tanh MLP."""
+    """``u(x) = (1 - |x|^2) N(x)``: zero on the sphere by construction; ``N`` a tanh MLP. With
+    ``input_scale``, ``N`` sees ``input_scale * x`` (points of the ball have coordinates of size about
+    ``1 / sqrt(D)``) and its last layer starts at zero (``N`` starts constant)."""
 
-    def __init__(self, dim: int, width: int, depth: int):
+    def __init__(self, dim: int, width: int, depth: int, input_scale: float = 1.0):
         super().__init__()
+        self.scale = input_scale
         sizes = [dim] + [width] * depth + [1]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -107,9 +112,11 @@ class Ansatz(nn.Module):
             nn.init.zeros_(lin.bias)
             layers += [lin, nn.Tanh()]
         self.net = nn.Sequential(*layers[:-1])
+        if input_scale != 1.0:
+            nn.init.zeros_(self.net[-1].weight)
 
     def forward(self, x):
-        return (1 - (x * x).sum(-1, keepdim=True)) * self.net(x)
+        return (1 - (x * x).sum(-1, keepdim=True)) * self.net(x * self.scale if self.scale != 1.0 else x)
 
 
 # ----------------------------------------------------------------------------- training
@@ -144,7 +151,7 @@ def main(argv=None) -> dict:
     dtype = torch.float64 if a.float64 else torch.float32
     dev = torch.device(a.device)
     c = coefficients(a.dim, dtype, dev)
-    u = Ansatz(a.dim, a.width, a.depth).to(dev, dtype)
+    u = Ansatz(a.dim, a.width, a.depth, math.sqrt(a.dim) if a.scale_inputs else 1.0).to(dev, dtype)
     test_x = sample_ball(a.test_points, a.dim, torch.Generator().manual_seed(99), torch.float64, dev)
     test_u = solution_and_source(test_x, c.double())[0]
     test_x = test_x.to(dtype)

@@ -520,11 +520,11 @@ def test_high_dim_example_source_and_a_few_steps():
     torch.testing.assert_close(lap, g, atol=1e-10, rtol=1e-10)
     n = torch.get_num_threads()
     try:
-        r = ex.main(["--dim", "12", "--steps", "60", "--points", "32", "--samples", "4", "--width", "16",
-                     "--test-points", "200", "--eval-every", "30", "--lr", "3e-3", "--float64"])
+        r = ex.main(["--dim", "12", "--steps", "300", "--points", "32", "--samples", "4", "--width", "16",
+                     "--test-points", "200", "--eval-every", "100", "--lr", "1e-2", "--float64"])
     finally:
         torch.set_num_threads(n)
-    assert r["finite"] and r["rel_l2"] < 0.5 * r["rel_l2_init"], r  # it learns
+    assert r["finite"] and r["rel_l2"] < 0.2 * r["rel_l2_init"], r  # it learns (the net starts at zero: 1.0)
 
 
 # ----------------------------------------------------------------------------- bench rows
