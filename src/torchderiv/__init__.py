@@ -21,6 +21,15 @@ from ._engine import cache_info, clear_cache
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # optional integrations load on first access, so that importing torchderiv never imports them
+    if name == "deepxde":
+        import importlib
+
+        return importlib.import_module(".deepxde", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "jacobian",
     "jacobian_diagonal",
