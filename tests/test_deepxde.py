@@ -548,7 +548,7 @@ def test_disable_restores_the_originals_exactly():
     assert (g.jacobian, g.hessian, g.clear) == orig and not tdx.is_enabled()
     assert dict(torch.nn.modules.module._global_forward_hooks) == hooks
     tdx.disable()  # idempotent
-    assert tdx._stats()["origins"] == 0 and tdx._stats()["records"] == 0
+    assert tdx._stats()["origins"] == 0 and tdx._stats()["steps"] == 0
 
 
 def test_enabled_context_restores_the_previous_state():
@@ -644,3 +644,25 @@ def test_records_constant_and_memory_flat_over_training():
     assert {k: stats[100][k] for k in keys} == {k: stats[400][k] for k in keys}
     assert stats[400]["passes"] - stats[100]["passes"] == 300
     assert growth < 2**20, f"{growth} bytes"
+
+
+# ----------------------------------------------------------------------------- bench rows
+
+
+def test_bench_rows_agree():
+    """The bench's two DeepXDE rows (the same step with and without the switch) give the same residuals and
+    parameter gradients, and the torchderiv row is really served after its first call."""
+    from torchderiv.bench import SCENARIOS
+    from torchderiv.bench._methods import Setup
+
+    sc = SCENARIOS["dde-euler-beam"]
+    s = sc.make()
+    s = Setup(s.f.double(), s.x[:24].double(), s.extra)
+    base, served = (m.build(s) for m in sc.methods)
+    ref = base()
+    before = _counts()
+    for _ in range(3):
+        got = served()
+    assert _delta(before)["served"] > 0 and not tdx.is_enabled()
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)

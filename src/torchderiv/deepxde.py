@@ -602,8 +602,7 @@ def disable() -> None:
     _S.hook = None
     _S.on = False
     _STEPS.clear()
-    _ORIGINS.clear()
-    _RECORDS.clear()
+    _ORIGINS.clear()  # the records (which partials each residual asks for) stay: a later enable() uses them
 
 
 def is_enabled() -> bool:
