@@ -368,20 +368,27 @@ def test_expression_of_derivatives_falls_back_with_one_warning():
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
 
 
-def test_in_place_modified_tensor_falls_back():
-    model, _ = _model("burgers")
+@pytest.mark.parametrize("kind", ["in place", "strided view", "auxiliary_vars"])
+def test_unservable_tensors_fall_back(kind):
+    """A served derivative modified in place, a view that is not a column slice, a net with auxiliary_vars:
+    DeepXDE's answer, a warning naming the reason."""
+    model, _ = _model("kovasznay")
     x = torch.rand(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
 
     def pde(x, y):
-        dy_x = dde.grad.jacobian(y, x, i=0, j=0)
-        dy_x = dy_x.clone()
-        dy_x2 = dde.grad.jacobian(y, x, i=0, j=1) * 1.0
-        dy_x2.mul_(2.0)
-        return dy_x + dde.grad.jacobian(dy_x2, x, i=0, j=0)
+        if kind == "in place":
+            d = dde.grad.jacobian(y, x, i=1, j=1)
+            d.mul_(2.0)
+            return d + dde.grad.jacobian(d, x, i=0, j=0)
+        if kind == "strided view":
+            return dde.grad.jacobian(y[:, 0:3:2], x, i=1, j=0)  # component 2 through a strided view
+        return dde.grad.hessian(y, x, component=2, i=0, j=1)
 
+    if kind == "auxiliary_vars":
+        model.net.auxiliary_vars = torch.ones(12, 1, dtype=torch.float64)
     ref = _pde_values(model, pde, x)
     tdx.enable()
-    with pytest.warns(tdx.DeepXDEFallbackWarning):
+    with pytest.warns(tdx.DeepXDEFallbackWarning, match=kind.split()[-1]):
         got = _pde_values(model, pde, x, steps=3)
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
 
