@@ -200,12 +200,12 @@ def _stats() -> dict:
 
 
 def _method(net, x: Tensor, spec) -> str:
-    """How to serve a step's recorded partials: ``"taylor"`` (one torchderiv.partials call) or
-    ``"passthrough"`` (every request by DeepXDE's own implementation).
+    """How to serve a step's recorded partials: a ``method=`` of :func:`torchderiv.partials` (``"forward"``,
+    Taylor mode, one generated pass) or ``"passthrough"`` (every request by DeepXDE's own implementation).
 
     The one place for the speed policy: today always Taylor mode; a calibrated chooser (Taylor, torchderiv's
     autograd method or pass-through, whichever is fastest for this net, batch and spec) plugs in here."""
-    return "taylor"
+    return "forward"
 
 
 class _Untraceable(RuntimeError):
@@ -217,17 +217,18 @@ def _compute(net, x: Tensor, spec, rec: _Record) -> dict | None:
 
     The first call of a spec is watched: when torchderiv cannot trace the network it answers through
     torch.func (correct, slow) and says so in a warning; then DeepXDE's own path is the faster one."""
-    if _method(net, x, spec) != "taylor":
+    method = _method(net, x, spec)
+    if method == "passthrough":
         return None
     key = tuple(spec)
     _S.busy = True
     _COUNTS["passes"] += 1
     try:
         if key in rec.vetted:
-            return torchderiv.partials(net, x, list(spec))
+            return torchderiv.partials(net, x, list(spec), method=method)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            res = torchderiv.partials(net, x, list(spec))
+            res = torchderiv.partials(net, x, list(spec), method=method)
     finally:
         _S.busy = False
     untraced = [w for w in seen if "could not be traced" in str(w.message)]
