@@ -673,3 +673,43 @@ def test_bench_rows_agree():
     assert _delta(before)["served"] > 0 and not tdx.is_enabled()
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+class Wrapper(dde.nn.NN):
+    """A network whose output IS an inner DeepXDE network's output, called on features of the inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = dde.nn.FNN([3, 10, 2], "tanh", "Glorot normal")
+
+    def forward(self, x):
+        return self.inner(torch.cat([x, x[:, :1] * x[:, 1:]], 1))
+
+
+def test_nested_networks_are_served_as_the_outer_one():
+    torch.manual_seed(0)
+    net = Wrapper()
+    x = torch.rand(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+
+    def pde(x, y):
+        return dde.grad.hessian(y, x, component=1, i=0, j=1) + dde.grad.jacobian(y, x, i=0, j=1)
+
+    outs = []
+    for on in (False, True):
+        with tdx.enabled() if on else contextlib.nullcontext():
+            before = _counts()
+            for _ in range(3):
+                out = pde(x, net(x))
+                dde.grad.clear()
+            outs.append(out)
+    assert _delta(before)["served"] > 0 and _delta(before)["fallback"] == 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=RTOL, atol=ATOL)
+
+
+def test_other_backend_warns_and_changes_nothing(monkeypatch):
+    monkeypatch.setattr(dde.backend, "backend_name", "tensorflow")
+    g = dde.grad
+    orig = (g.jacobian, g.hessian, g.clear)
+    with pytest.warns(tdx.DeepXDEFallbackWarning, match="PyTorch backend only"):
+        tdx.enable()
+    assert not tdx.is_enabled() and (g.jacobian, g.hessian, g.clear) == orig

@@ -110,9 +110,9 @@ def _forget(key: int):
     return drop
 
 
-def _remember(t: Tensor, net, x: Tensor, cols, fn=None) -> None:
+def _remember(t: Tensor, net, x: Tensor, cols, fn=None, replace: bool = False) -> None:
     o = _ORIGINS.get(id(t))
-    if o is not None and o.tref() is t:
+    if not replace and o is not None and o.tref() is t:
         return
     if len(_ORIGINS) >= _MAX_ORIGINS:  # clear() never called: forget everything (requests fall back)
         _ORIGINS.clear()
@@ -124,7 +124,9 @@ def _hook(module, args, output) -> None:
     if _S.busy or not isinstance(module, _S.nn_class):
         return
     if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-        _remember(output, module, args[0], None)
+        # hooks fire inner module first: a network returning an inner network's output unchanged is
+        # remembered as the outer one, a function of the inputs the residual differentiates against
+        _remember(output, module, args[0], None, replace=True)
 
 
 class _Record:
