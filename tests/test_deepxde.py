@@ -713,3 +713,33 @@ def test_other_backend_warns_and_changes_nothing(monkeypatch):
     with pytest.warns(tdx.DeepXDEFallbackWarning, match="PyTorch backend only"):
         tdx.enable()
     assert not tdx.is_enabled() and (g.jacobian, g.hessian, g.clear) == orig
+
+
+class TupleInputs(dde.nn.NN):
+    """Called on a tuple of tensors, as DeepONet-style networks are."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, inputs):
+        a, b = inputs
+        return torch.tanh(self.lin(torch.cat([a, b], 1)))
+
+
+def test_tuple_inputs_fall_back():
+    torch.manual_seed(0)
+    net = TupleInputs().double()
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(6, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.rand(6, 1, dtype=torch.float64, generator=g)
+
+    def res():
+        out = dde.grad.hessian(net((a, b)), a, component=1, i=0, j=1)
+        dde.grad.clear()
+        return out
+
+    ref = res()
+    with tdx.enabled(), pytest.warns(tdx.DeepXDEFallbackWarning, match="neither a network output"):
+        got = res()
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
