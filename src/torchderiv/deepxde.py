@@ -214,23 +214,26 @@ class _Untraceable(RuntimeError):
     """torchderiv answered through its torch.func fallback: slower than DeepXDE's own path."""
 
 
-def _compute(net, x: Tensor, spec, rec: _Record) -> dict | None:
+def _compute(net, x: Tensor, spec, rec: _Record, y: Tensor | None = None) -> dict | None:
     """The partials ``spec`` of ``net`` at ``x`` in one call, or ``None`` to pass the step through.
 
     The first call of a spec is watched: when torchderiv cannot trace the network it answers through
-    torch.func (correct, slow) and says so in a warning; then DeepXDE's own path is the faster one."""
+    torch.func (correct, slow) and says so in a warning, then DeepXDE's own path is the faster one; and the
+    value of the pass must equal ``y``, the output DeepXDE differentiates (a network that draws random
+    numbers or keeps state in its forward would give the derivatives of another function)."""
     method = _method(net, x, spec)
     if method == "passthrough":
         return None
+    spec = [(), *spec]  # the value comes with the pass at no cost: it is what the check compares
     key = tuple(spec)
     _S.busy = True
     _COUNTS["passes"] += 1
     try:
         if key in rec.vetted:
-            return torchderiv.partials(net, x, list(spec), method=method)
+            return torchderiv.partials(net, x, spec, method=method)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            res = torchderiv.partials(net, x, list(spec), method=method)
+            res = torchderiv.partials(net, x, spec, method=method)
     finally:
         _S.busy = False
     untraced = [w for w in seen if "could not be traced" in str(w.message)]
@@ -239,6 +242,14 @@ def _compute(net, x: Tensor, spec, rec: _Record) -> dict | None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if untraced:
         raise _Untraceable(str(untraced[0].message).split(";")[0])
+    if y is None:
+        return res  # nothing to compare with: the next pass of this spec is watched again
+    with torch.no_grad():
+        v, ref = res[()], y.detach()
+        tol = 1e-3 if v.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+        if v.shape != ref.shape or not bool((v - ref).abs().max() <= tol * (1 + ref.abs().max())):
+            raise _Untraceable("the network returned other values on a second call with the same inputs "
+                               "(random numbers or state in its forward)")
     if len(rec.vetted) > 16:
         rec.vetted.clear()
     rec.vetted.add(key)
@@ -315,7 +326,7 @@ def _unusable(net, rec: _Record) -> str | None:
     return None
 
 
-def _try_compute(net, x: Tensor, spec, rec: _Record) -> dict:
+def _try_compute(net, x: Tensor, spec, rec: _Record, y: Tensor | None = None) -> dict:
     """:func:`_compute`, or ``{}`` with the record marked failed (and a one-time warning) when the network
     cannot be served."""
     if not spec or rec.failed is not None:
@@ -326,7 +337,7 @@ def _try_compute(net, x: Tensor, spec, rec: _Record) -> dict:
         _warn_once(("unusable", type(net), why), why, stacklevel=5)
         return {}
     try:
-        return _compute(net, x, spec, rec) or {}
+        return _compute(net, x, spec, rec, y) or {}
     except Exception as e:  # noqa: BLE001 - any failure of the pass: DeepXDE computes it
         msg = str(e).strip().splitlines()
         rec.failed = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
@@ -335,7 +346,7 @@ def _try_compute(net, x: Tensor, spec, rec: _Record) -> dict:
         return {}
 
 
-def _serve(net, x: Tensor, cols, compute_missing: bool = False) -> Tensor | None:
+def _serve(net, x: Tensor, cols, compute_missing: bool = False, y: Tensor | None = None) -> Tensor | None:
     """The tensor of columns ``cols`` from this step's torchderiv results, or ``None`` (not computed:
     the caller computes it by DeepXDE's implementation and records it). With ``compute_missing``, partials
     the step has not computed yet are computed by one more torchderiv call instead."""
@@ -347,7 +358,7 @@ def _serve(net, x: Tensor, cols, compute_missing: bool = False) -> Tensor | None
     alphas = {a for _, a in cols}
     rec = _record(net, x)
     if step is None:  # the first request of a step: every recorded partial in one pass
-        step = _STEPS[key] = _Step(net, x, _try_compute(net, x, rec.new_step(), rec))
+        step = _STEPS[key] = _Step(net, x, _try_compute(net, x, rec.new_step(), rec, y))
         while len(_STEPS) > _MAX_STEPS:
             _STEPS.popitem(last=False)
     rec.use(alphas)
@@ -356,7 +367,7 @@ def _serve(net, x: Tensor, cols, compute_missing: bool = False) -> Tensor | None
         return hit
     missing = [a for a in alphas if a not in step.res]
     if missing and compute_missing:
-        step.res.update(_try_compute(net, x, sorted(missing, key=lambda a: (len(a), a)), rec))
+        step.res.update(_try_compute(net, x, sorted(missing, key=lambda a: (len(a), a)), rec, y))
         missing = [a for a in alphas if a not in step.res]
     if missing:
         return None
@@ -485,7 +496,7 @@ def _jacobian(ys, xs, i=None, j=None):
         return _passed(call)
     # DeepXDE's forward configuration is not trusted on demand: the callable of its (i, j) pairs slices the
     # batch axis (`J[j][1](x)[i : i + 1]`, DeepXDE 1.15), so a derivative of one would be wrong
-    out = _serve(net, xs, new, compute_missing=forward)
+    out = _serve(net, xs, new, compute_missing=forward, y=r[0].tref() if r[0].cols is None else None)
     if out is None:  # not in this step's results: DeepXDE computes it, the record learns it
         _COUNTS["on_demand"] += 1
         return _note(call(), net, xs, new, is_pair)
@@ -525,7 +536,7 @@ def _hessian(ys, xs, component=0, i=0, j=0):
         new = _request_cols(row, xs.shape[1], _index(j), _index(i), False) if row is not None else None
     if new is None:
         return _passed(call)
-    out = _serve(net, xs, new)
+    out = _serve(net, xs, new, y=r[0].tref() if r[0].cols is None else None)
     if out is None:
         _COUNTS["on_demand"] += 1
         return _note(call(), net, xs, new, False)
