@@ -754,3 +754,19 @@ def test_tuple_inputs_fall_back():
     with tdx.enabled(), pytest.warns(tdx.DeepXDEFallbackWarning, match="neither a network output"):
         got = res()
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_passthrough_policy_serves_everything_by_deepxde(monkeypatch):
+    """When the speed policy says pass-through, no torchderiv pass runs, nothing warns, the answers are
+    DeepXDE's."""
+    monkeypatch.setattr(tdx, "_method", lambda net, x, spec: "passthrough")
+    ref = _steps("kovasznay", on=False, steps=2)
+    before = _counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tdx.DeepXDEFallbackWarning)
+        got = _steps("kovasznay", on=True, steps=2)
+    d = _delta(before)
+    assert d["passes"] == 0 and d["served"] == 0 and d["on_demand"] > 0, d
+    for a, b in zip(ref, got):
+        for ta, tb in zip(a, b):
+            torch.testing.assert_close(tb, ta, rtol=RTOL, atol=ATOL)

@@ -133,12 +133,13 @@ class _Record:
     """The multi-indices a residual asked for on one (network, input shape), with the step each was last
     asked for."""
 
-    __slots__ = ("alphas", "step", "failed", "vetted", "dropout")
+    __slots__ = ("alphas", "step", "failed", "vetted", "dropout", "methods")
 
     def __init__(self, net):
         # a second pass would draw other dropout masks than DeepXDE's forward (read once per record)
         self.dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
         self.vetted: set = set()  # specs whose first pass was watched for torchderiv's trace fallback
+        self.methods: dict = {}  # spec -> what _method chose for it
         self.alphas: dict[tuple[int, ...], int] = {}
         self.step = 0
         self.failed: str | None = None
@@ -221,7 +222,12 @@ def _compute(net, x: Tensor, spec, rec: _Record, y: Tensor | None = None) -> dic
     torch.func (correct, slow) and says so in a warning, then DeepXDE's own path is the faster one; and the
     value of the pass must equal ``y``, the output DeepXDE differentiates (a network that draws random
     numbers or keeps state in its forward would give the derivatives of another function)."""
-    method = _method(net, x, spec)
+    key = tuple(spec)
+    method = rec.methods.get(key)
+    if method is None:  # the policy is asked once per (record, spec): it may trace, time or look up tables
+        if len(rec.methods) > 16:
+            rec.methods.clear()
+        method = rec.methods[key] = _method(net, x, spec)
     if method == "passthrough":
         return None
     spec = [(), *spec]  # the value comes with the pass at no cost: it is what the check compares
