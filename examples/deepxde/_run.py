@@ -46,8 +46,9 @@ def prepare(args: argparse.Namespace):
 
 
 def train(model, args: argparse.Namespace, warmup: int = 20) -> float:
-    """Adam for ``args.iterations`` steps; returns the median-free mean seconds per step after ``warmup``
-    steps (the first steps trace and build; they are not what a long run costs)."""
+    """Adam for ``args.iterations`` steps; returns the mean wall time per step after the first ``warmup``
+    steps (those trace and build graphs once; they are not what a long run costs). Includes DeepXDE's own
+    loss evaluations for its report at the end of training."""
     quiet = contextlib.redirect_stdout(io.StringIO())
     with quiet:
         model.train(iterations=min(warmup, args.iterations), display_every=10**9)
