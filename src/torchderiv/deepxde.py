@@ -484,11 +484,16 @@ def _fallback(call, why: str, fname: str):
     return call()
 
 
+def _forward_config() -> bool:
+    # DeepXDE before 1.11 has no forward configuration (no config.autodiff)
+    return getattr(_S.dde.config, "autodiff", "reverse") == "forward"
+
+
 def _jacobian(ys, xs, i=None, j=None):
     """``dde.grad.jacobian`` served by torchderiv (see :mod:`torchderiv.deepxde`)."""
     orig = _S.originals["jacobian"]
     call = lambda: orig(ys, xs, i=i, j=j)  # noqa: E731
-    forward = _S.dde.config.autodiff == "forward"
+    forward = _forward_config()
     is_pair = forward and isinstance(ys, tuple) and len(ys) == 2
     t = ys[0] if is_pair else ys
     if (forward and not is_pair) or not _grad_ok(xs) or not isinstance(t, Tensor) or not t.requires_grad:
@@ -523,7 +528,7 @@ def _jacobian(ys, xs, i=None, j=None):
 
 def _hessian(ys, xs, component=0, i=0, j=0):
     """``dde.grad.hessian`` served by torchderiv (see :mod:`torchderiv.deepxde`)."""
-    if _S.dde.config.autodiff == "forward":
+    if _forward_config():
         # DeepXDE's forward configuration composes two jacobians; so do we, each served or passed on
         return _jacobian(_jacobian(ys, xs, i=None, j=j), xs, i=component, j=i)
     orig = _S.originals["hessian"]
