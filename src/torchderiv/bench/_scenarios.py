@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _dde
 from . import _methods as M
 from . import _stochastic as S
 from ._methods import Builder, Runner, Setup
@@ -132,6 +133,12 @@ def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
 # ----------------------------------------------------------------------------- the scenarios
 
 
+def dde_rows(problem: str) -> list[Method]:
+    """The two rows of a DeepXDE training step: DeepXDE alone, and with torchderiv.deepxde switched on."""
+    return [Method("deepxde dde.grad", _dde.step(problem, False)),
+            Method("deepxde + torchderiv.deepxde", _dde.step(problem, True), kind="torchderiv")]
+
+
 def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
     """Methods of seeds 000 and 002; with ``slow`` (400 outputs) the seed's full Jacobian is timed once,
     and the other per-output loops once in --quick mode."""
@@ -153,7 +160,8 @@ def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
 
 def build_registry() -> None:
     dde = dde_available()
-    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer)"]
+    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer); the dde-* "
+                           "training-step scenarios are left out"]
 
     register(Scenario(
         "seed000", "seed 000: per-sample dy/dx, net_x 1->20->20->4 tanh, B=10",
@@ -255,6 +263,18 @@ def build_registry() -> None:
          Method("torchderiv.partials", M.td_op("partials", spec=kdv_spec, coords="tx"), kind="torchderiv")],
         baseline="autograd.grad nested loop", reference="autograd.grad nested loop", op="partials",
         rtol=2e-3))
+
+    if dde:
+        for problem, what in (("burgers", "Burgers 1-D + t, 2->20x3->1, 2540 points"),
+                              ("kovasznay", "Kovasznay 2-D, 2->50x4->3, 3000 points"),
+                              ("euler-beam", "Euler beam, 4th order by nested calls, 1->20x3->1, 200 points"),
+                              ("navier-stokes-3d", "3-D unsteady Navier-Stokes, 4->50x4->4, 2000 points")):
+            register(Scenario(
+                f"dde-{problem}", f"DeepXDE training step (residual, clear, backward): {what}",
+                _dde.make(problem), dde_rows(problem), baseline="deepxde dde.grad", reference="deepxde dde.grad",
+                op="deepxde step", rtol=2e-3,
+                notes=[f"dde-{problem}: the same DeepXDE-style step, with and without torchderiv.deepxde.enable(); "
+                       "times include dde.grad.clear() and the backward to the parameters"]))
 
     register(Scenario(
         "tiny-mlp", "tiny test scenario: Jacobian, 2->16->16->3 tanh, B=8",
