@@ -22,6 +22,7 @@ from ._sparsity import sparsity
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "jacobian",
     "jacobian_diagonal",
@@ -38,3 +39,12 @@ __all__ = [
     "BatchMixingError",
     "TraceError",
 ]
+
+
+def __getattr__(name: str):
+    # optional integrations load on first access, so that importing torchderiv never imports them
+    if name == "deepxde":
+        import importlib
+
+        return importlib.import_module(".deepxde", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
