@@ -30,21 +30,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, fx
 
+from ._cache import Entry, _mode, _slot, _state, captured, register_fast
 from ._capture import TraceError
 from ._compile import compiling
-from ._engine import (
-    _NORMS,
-    Entry,
-    _mode,
-    _patch_for_autograd,
-    _slot,
-    _state,
-    captured,
-    register_fast,
-)
+from ._reverse import _NORMS, _patch_for_autograd
 from ._rules import copy_out_of_place
 
-__all__ = ["autograd_taylor", "autograd_available", "AutogradUnavailable", "MAX_UNROLL"]
+__all__ = ["autograd_taylor", "admissible", "autograd_available", "AutogradUnavailable", "MAX_UNROLL"]
 
 MAX_UNROLL = 64  # longest prod / cumprod dimension written out as a chain of products
 
@@ -167,6 +159,30 @@ def autograd_function(f, x: Tensor, batched: bool, fname: str) -> Entry:
     if e.error is not None:
         raise type(e.error)(*e.error.args)
     return e
+
+
+def admissible(cap) -> bool:
+    """Whether ``method="autograd"`` can give exact numbers for the captured graph ``cap`` here (for
+    ``method="auto"``, which must never pick it otherwise): no ``torch.compile`` tracing the call and no
+    ``prod`` / ``cumprod`` over more than :data:`MAX_UNROLL` entries (those are written out as products)."""
+    if torch.compiler.is_compiling():
+        return False
+    for n in cap.gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        name = n.target._schema.name.split("::")[-1]
+        if name not in ("prod", "cumprod"):
+            continue
+        src = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        if not isinstance(src, Tensor):
+            return False
+        if len(n.args) > 1 and isinstance(n.args[1], int) and src.dim():
+            size = src.shape[n.args[1] % src.dim()]
+        else:
+            size = src.numel()
+        if size > MAX_UNROLL:
+            return False
+    return True
 
 
 def autograd_available(f, x: Tensor, batched: bool, fname: str) -> bool:
@@ -325,9 +341,9 @@ def autograd_taylor(fname: str, f, x: Tensor, items: Sequence, combos: Sequence,
     try:
         entry = autograd_function(f, x, batched, fname)
     except TraceError as e:  # untraceable f: per sample, by torch.func (as the forward method does)
-        from ._core import _traced_fallback
+        from ._fallback import traced_fallback
 
-        y, parts, sums = _traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
+        y, parts, sums = traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
         if not stacked:
             parts = list(parts) if parts is not None else None
             sums = list(sums) if sums is not None else None

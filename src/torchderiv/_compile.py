@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import _engine
+from . import _cache
 
 __all__ = ["compiling", "call"]
 
@@ -146,17 +146,19 @@ def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, option
     kw = dict(options)
     if "spec" in kw:
         kw["spec"] = list(kw["spec"])
-    record, _engine.RECORD = _engine.RECORD, []
+    if kw.get("method") == "auto":  # the generated Taylor graph: reverse mode and autograd do not compile in
+        kw["method"] = "forward"
+    record, _cache.RECORD = _cache.RECORD, []
     try:
         with torch._guards.tracing(None), torch.no_grad():  # outside dynamo's fake mode
             if batched:
                 # two rows: the capture checks that rows do not interact (one row has nothing to mix)
-                _engine.output_shape(f, torch.zeros((2, *ins), dtype=dtype, device=device), True, op)
+                _cache.output_shape(f, torch.zeros((2, *ins), dtype=dtype, device=device), True, op)
             x = torch.zeros(((1,) if batched else ()) + tuple(ins), dtype=dtype, device=device)
             fn(f, x, **kw)
-        hits = [(r, e) for k, r, e in _engine.RECORD if k is not None and k[0] == op]
+        hits = [(r, e) for k, r, e in _cache.RECORD if k is not None and k[0] == op]
     finally:
-        _engine.RECORD = record
+        _cache.RECORD = record
     if not hits:
         return (-1, (), 0)
     runner, entry = hits[-1]
@@ -172,7 +174,7 @@ def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, option
                 return (-1, (), 0)
         h = next(_ids)
         try:
-            owner = (lambda: keep) if keep is not None else weakref.ref(_engine._owner(f)[0])
+            owner = (lambda: keep) if keep is not None else weakref.ref(_cache._owner(f)[0])
         except TypeError:
             return (-1, (), 0)
         gm = entry.gm
@@ -223,7 +225,8 @@ def _apply(h: int, x: Tensor, consts: tuple, extra: tuple):
 
 
 @torch.compiler.disable
-def _eager(op: str, f, x: Tensor, kw: dict):
+def run_eager(op: str, f, x: Tensor, kw: dict):
+    """The eager operator behind a graph break."""
     from . import _api
 
     return getattr(_api, op)(f, x, **kw)
@@ -234,7 +237,7 @@ def call(op: str, f, x: Tensor, **kw):
     else a graph break around the eager operator."""
     batched = kw.get("batched", True)
     if kw.get("method") == "autograd" or not isinstance(x, Tensor):
-        return _eager(op, f, x, kw)
+        return run_eager(op, f, x, kw)
     if isinstance(kw.get("weights"), Tensor):
         kw["weights"] = kw["weights"].tolist()
     options = tuple(sorted((k, _frozen(v)) for k, v in kw.items()))
@@ -245,14 +248,14 @@ def call(op: str, f, x: Tensor, **kw):
         try:
             cells = fn.__closure__ or ()
         except AttributeError:  # a function created inside the compiled region: dynamo cannot show its cells
-            return _eager(op, f, x, kw)
+            return run_eager(op, f, x, kw)
         defaults = fn.__defaults__ or ()
         parts = (f.__self__ if isinstance(f, types.MethodType) else None, fn.__code__, fn.__module__,
                  len(defaults), *defaults, *[c.cell_contents for c in cells])
     h, paths, n_extra = _plan(op, None if parts else f, ins, batched, x.dtype, x.device, getattr(f, "training", None),
                      options, *parts)
     if h < 0:
-        return _eager(op, f, x, kw)
+        return run_eager(op, f, x, kw)
     consts = tuple(_resolve(f, p) for p in paths)
     extra = tuple(getattr(_HOLDER, f"c{h}_{i}") for i in range(n_extra))
     return _apply(h + 0, x, consts, extra)  # `+ 0`: a plain constant, not one dynamo would guard on
