@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _cache
+from ._capture import BatchMixingError
 
 __all__ = ["compiling", "call"]
 
@@ -157,6 +158,10 @@ def _plan(op: str, f, ins: tuple, batched: bool, dtype, device, training, option
             x = torch.zeros(((1,) if batched else ()) + tuple(ins), dtype=dtype, device=device)
             fn(f, x, **kw)
         hits = [(r, e) for k, r, e in _cache.RECORD if k is not None and k[0] == op]
+    except BatchMixingError:
+        raise  # the request itself is wrong: say so now (dynamo shows this message)
+    except Exception:  # noqa: BLE001 - anything else: the eager operator, behind a graph break, handles it
+        hits = []
     finally:
         _cache.RECORD = record
     if not hits:
