@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ._capture import TraceError
 from ._engine import _check_traced_output, derivative_graph, output_shape, register_fast
+from ._errors import f_error
+from ._fallback import fallback_partials
 from ._jet import full
 from ._plan import MultiIndex, Plan
 
@@ -56,8 +58,11 @@ check_output = _check_traced_output
 
 
 def _probe_output(fname: str, f, x: Tensor, batched: bool):
-    with torch.no_grad():
-        y = f(x)
+    try:
+        with torch.no_grad():
+            y = f(x)
+    except Exception as e:  # noqa: BLE001 - f's own error: same type, with the operator and x's shape in front
+        raise f_error(fname, x, e, batched=batched) from e
     check_output(fname, y, x, batched)
     return y
 
@@ -142,7 +147,8 @@ def taylor(fname: str, f: Callable, x: Tensor, items: Sequence[MultiIndex], comb
     try:
         entry = derivative_graph(f, x, plan, coords, batched, fname, outputs)
     except TraceError as e:
-        y, parts, sums = _traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
+        y, parts, sums = _traced_fallback(fname, f, x, items, reference_combos or combos, batched, e,
+                                          None if reference_combos else directions)
         if not stacked:
             parts = list(parts) if parts is not None else None
             sums = list(sums) if sums is not None else None
@@ -206,62 +212,11 @@ def per_sample(f: Callable, batched: bool) -> Callable:
     return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
 
 
-def nested_jacrev(g: Callable, k: int) -> Callable:
-    for _ in range(k):
-        g = torch.func.jacrev(g)
-    return g
-
-
-def reference_partials(f: Callable, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo],
-                       batched: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Partials by nested reverse mode (torch.func), per sample: slow, independent of the Taylor engine.
-
-    Uses vmap over the batch; where vmap cannot run ``f`` (data-dependent control flow), loops."""
-    g = per_sample(f, batched)
-    orders = sorted({len(a) for a in items} | {len(a) for c in combos for a, _ in c})
-    ins = in_shape(x, batched)
-    n = numel(ins)
-
-    def all_orders(xi):
-        res = {0: g(xi)}
-        for k in orders:
-            if k:
-                d = nested_jacrev(g, k)(xi)
-                res[k] = d.reshape(*d.shape[: d.dim() - k * len(ins)], *([n] * k))
-        return res
-
-    if batched:
-        try:
-            res = torch.func.vmap(all_orders)(x)
-        except Exception:  # noqa: BLE001 - vmap cannot run f: loop over samples instead
-            per = [all_orders(x[b]) for b in range(x.shape[0])]
-            res = {k: torch.stack([p[k] for p in per]) for k in per[0]}
-    else:
-        res = all_orders(x)
-    y = res[0]
-    off = 1 if batched else 0
-
-    def pick(a):
-        t = res[len(a)]
-        if not a:
-            return t
-        idx = (slice(None),) * (t.dim() - len(a)) + tuple(a)
-        return t[idx]
-
-    parts = torch.stack([pick(a) for a in items]) if items else None
-    sums = None
-    if combos:
-        sums = torch.stack([sum(w * pick(a) for a, w in c) for c in combos])
-    del off
-    return y, parts, sums
-
-
-def _traced_fallback(fname, f, x, items, combos, batched, err):
+def _traced_fallback(fname, f, x, items, combos, batched, err, directions=None):
+    _probe_output(fname, f, x, batched)  # an error of f itself is reported as such, not as a fallback
     warnings.warn(
         f"{fname}: f could not be traced to a static graph ({err}); falling back to torch.func "
         f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
         stacklevel=4,
     )
-    y = _probe_output(fname, f, x, batched)
-    del y
-    return reference_partials(f, x, items, combos, batched)
+    return fallback_partials(fname, f, x, items, combos, batched, directions=directions)

@@ -23,7 +23,8 @@ from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from ._capture import Captured, capture, check_batch_independence
+from ._capture import BatchMixingError, Captured, capture, check_batch_independence
+from ._errors import one_d_hint
 from ._jet import Ctx, Jet
 from ._plan import Plan
 from ._rules import RULES, Unsupported, _select_scatter_op, _slice_scatter_op, copy_out_of_place
@@ -453,7 +454,14 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     if not isinstance(cap.out_val, torch.Tensor):
         _check_traced_output(fname, cap.out_val, x, batched)
     if batched and x.shape[0] > 1:  # a single row has nothing to mix with
-        check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+        try:
+            check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+        except BatchMixingError as e:
+            if x.dim() != 1:
+                raise
+            # a 1-D x whose entries f mixes: almost always one point passed without its batch dimension
+            raise BatchMixingError(f"{fname}: {one_d_hint(x)} (f mixes the entries of x, which batched=True "
+                                   f"reads as separate samples)") from e
     _check_traced_output(fname, cap.out_val, x, batched)
     slot[key] = (cap, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return cap
