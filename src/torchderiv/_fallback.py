@@ -10,9 +10,9 @@ picks entries.
 Work and memory:
 
 * Directions go through in chunks under ``vmap``. A level whose tangent is the same for every
-  multi-index of a chunk is not batched, so ``vmap`` computes it once: multi-indices are chunked by
-  their common prefix (``(0, 1, 1)``, ``(0, 1, 2)``, ... share the inner levels ``0, 1``), which halves
-  the work of the inner ``k - 1`` levels for each extra member of the chunk.
+  multi-index of a chunk is not batched, so ``vmap`` computes it once: a large group of multi-indices
+  with a common prefix (``(0, 1, 1)``, ``(0, 1, 2)``, ... share the inner levels ``0, 1``) gets chunks of
+  its own, which halves the work per member (see :func:`_chunks`).
 * Samples go through ``vmap`` (each row as its own batch of one, ``f(x[b:b+1])``), or a loop where
   ``vmap`` cannot run ``f``; directions likewise.
 * Chunk sizes come from a memory budget (``memory_budget`` bytes, default :data:`DEFAULT_MEMORY_BUDGET`)
@@ -392,14 +392,18 @@ class _Runner:
 
 
 def _chunks(keys: list[MultiIndex], size: int) -> list[list[MultiIndex]]:
-    """Chunks of at most ``size`` multi-indices (sorted): one prefix group per chunk where the group has more
-    than one member (its inner levels are then computed once), the singletons together."""
+    """Chunks of at most ``size`` multi-indices (sorted). A large group of multi-indices that differ in their
+    last index only gets chunks of its own (its inner levels are then computed once); the rest go together.
+    Large means at least 8 and a quarter of a chunk: each chunk costs a fixed overhead of ``vmap`` and
+    ``jvp`` calls, which dominates the arithmetic on small networks (measured: 495 fourth-order partials
+    of a 9-input attention block, 4.5 s in one chunk, 33 s in 165 prefix-shared ones)."""
     groups: dict[MultiIndex, list[MultiIndex]] = {}
     for a in keys:
         groups.setdefault(a[:-1], []).append(a)
+    large = max(8, size // 4)
     out, loose = [], []
     for g in groups.values():
-        if len(g) == 1:
+        if len(g) < large:
             loose.extend(g)
             continue
         out.extend(g[s : s + size] for s in range(0, len(g), size))
