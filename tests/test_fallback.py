@@ -172,7 +172,8 @@ def test_normalizations_against_finite_differences(name):
     _, parts, _ = fallback_partials("partials", net, x, keys, [], True)
     per_sample = lambda z: torch.cat([net(z[b : b + 1]) for b in range(z.shape[0])])  # noqa: E731
     for k, (i, j) in enumerate(keys[:3]):
-        assert_close(parts[k, :, 0].detach(), _fd_second(per_sample, x, i, j), atol=1e-6, rtol=1e-5, msg=f"{name} {i, j}")
+        assert_close(parts[k, :, 0].detach(), _fd_second(per_sample, x, i, j), atol=1e-6, rtol=1e-5,
+                     msg=f"{name} {i, j}")
     h = 1e-3
     e = torch.zeros_like(x)
     e[:, 2] = h
