@@ -19,11 +19,11 @@ from torch import nn
 from torch.func import jacrev
 
 import torchderiv as td
-import torchderiv._engine as engine
+import torchderiv._cache as cache
 from conftest import ZOO_BY_NAME, assert_close, ref_biharmonic, ref_laplacian, ref_partials
 from test_zoo import mixed_spec
-from torchderiv._api import biharmonic_directions
 from torchderiv._fallback import _chunks, _Runner, fallback_partials
+from torchderiv._requests import biharmonic_directions
 
 DT = torch.float64
 MODELS = ["tanh_mlp", "attention", "conv1d", "conv2d", "residual_layernorm", "multi_output"]
@@ -294,13 +294,13 @@ def test_parameter_gradients_through_the_fallback():
 
 _MEMORY_SCRIPT = textwrap.dedent("""
     import itertools, json, resource, warnings
-    import torch, torchderiv as td, torchderiv._engine as engine
+    import torch, torchderiv as td, torchderiv._cache as cache
     from conftest import ZOO_BY_NAME, ref_partials_autograd
 
     def refuse(f, x):
         raise td.TraceError("capture disabled")
 
-    engine.capture = refuse
+    cache.capture = refuse
     model, ref, x = ZOO_BY_NAME["attention"].build()
     spec = list(itertools.combinations_with_replacement(range(9), 4))  # every fourth-order partial: 495
     with warnings.catch_warnings(record=True) as w:
@@ -335,7 +335,7 @@ def test_capture_disabled_is_what_the_memory_test_measures(monkeypatch):
     def refuse(f, x):
         raise td.TraceError("capture disabled")
 
-    monkeypatch.setattr(engine, "capture", refuse)
+    monkeypatch.setattr(cache, "capture", refuse)
     model, ref, x = ZOO_BY_NAME["tanh_mlp"].build()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

@@ -1,4 +1,5 @@
-"""The torch.func fallback: only the requested partials, by nested directional derivatives, memory-bounded.
+"""The torch.func path, for an ``f`` that cannot be traced to a static graph: only the requested partials, by
+nested directional derivatives, memory-bounded; independent of the Taylor engine.
 
 Used when ``f`` cannot be traced to a static graph (data-dependent Python control flow, ...). For each
 requested multi-index ``(i1, ..., ik)`` the mixed partial ``d^k f / dv_i1 ... dv_ik`` is ``k`` nested
@@ -46,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._cache import check_output
 from ._capture import _cdist as _capture_cdist
 from ._errors import f_error
 
@@ -57,7 +59,48 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 """Bytes that one chunk of the fallback may use (1 GiB): bounds how many directions and samples go through
 at once. Pass ``memory_budget=`` to :func:`fallback_partials` to change it per call."""
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "fallback_partials"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "fallback_partials", "map_samples", "per_sample", "probe_output",
+           "traced_fallback"]
+
+
+# ----------------------------------------------------------------------------- shared with the reverse paths
+
+
+def probe_output(fname: str, f, x: Tensor, batched: bool):
+    """Run ``f`` once (no graph) and check its output; an error of ``f`` itself is re-raised with the same type,
+    the operator's name and ``x``'s shape in front of its message."""
+    try:
+        with torch.no_grad():
+            y = f(x)
+    except Exception as e:  # noqa: BLE001 - f's own error, reported with the operator and the shape
+        raise f_error(fname, x, e, batched=batched) from e
+    check_output(fname, y, x, batched)
+    return y
+
+
+def map_samples(g: Callable, x: Tensor) -> Tensor:
+    """``vmap(g)(x)``, or a loop over the samples where vmap cannot run ``g`` (data-dependent control flow)."""
+    try:
+        return torch.func.vmap(g)(x)
+    except Exception:  # noqa: BLE001 - any vmap failure: the loop is always correct
+        return torch.stack([g(x[b]) for b in range(x.shape[0])])
+
+
+def per_sample(f: Callable, batched: bool) -> Callable:
+    if not batched:
+        return f
+    return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
+
+
+def traced_fallback(fname, f, x, items, combos, batched, err, directions=None):
+    """The whole request through :func:`fallback_partials`, after a failed trace (``err``), with a warning."""
+    probe_output(fname, f, x, batched)  # an error of f itself is reported as such, not as a fallback
+    warnings.warn(
+        f"{fname}: f could not be traced to a static graph ({err}); falling back to torch.func "
+        f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
+        stacklevel=4,
+    )
+    return fallback_partials(fname, f, x, items, combos, batched, directions=directions)
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -253,10 +296,7 @@ class _Runner:
         self.vmap_samples = batched
         self.vmap_dirs = True
         self.cost = None
-        if batched:
-            self.g = lambda xi: f(xi.unsqueeze(0)).squeeze(0)
-        else:
-            self.g = f
+        self.g = per_sample(f, batched)
 
     # ------------------------------------------------------------- directions
 

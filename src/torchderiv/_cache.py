@@ -1,18 +1,10 @@
-"""Transform a captured graph into a derivative graph, cache it, run it.
-
-The transform interprets the captured ATen graph once with :class:`~torchderiv._jet.Jet` values,
-applying the rule of every op, while ``make_fx`` records the tensor operations this performs. The
-recorded graph is plain torch code computing ``(y, coefficients of order 1..K)``: no Python
-interpreter, no rule lookups and no zero-tracking remain at run time. It takes the input and the
-captured constants (parameters, buffers) as inputs, so an ordinary backward reaches the parameters.
-"""
+"""The cache of captured and generated graphs: per-``f`` slots, the fingerprint that tells when an entry went
+stale, and the fast path that replays a whole registered call."""
 
 from __future__ import annotations
 
 import functools
-import operator
 import types
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,194 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
+from ._build import build
 from ._capture import BatchMixingError, Captured, capture, check_batch_independence
 from ._errors import one_d_hint
-from ._jet import Ctx, Jet
 from ._plan import Plan
-from ._rules import RULES, Unsupported, _select_scatter_op, _slice_scatter_op, copy_out_of_place
-
-_warned: set = set()
-
-
-def _warn_once(key, msg):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, stacklevel=4)
-
-
-# ----------------------------------------------------------------------------- fallback
-
-
-class NoForwardDerivative(NotImplementedError):
-    """An op has no Taylor rule and PyTorch has no forward-mode formula for it: only reverse mode works."""
-
-
-def _fallback(ctx: Ctx, op, args, kwargs):
-    """Generic rule for ops without one: forward-mode AD of the op itself (order 1 only)."""
-    name = str(op)
-    if ctx.K > 1:
-        raise NotImplementedError(
-            f"torchderiv: no Taylor rule for `{name}` and its generic fallback supports order 1 only, "
-            f"but this request needs order {ctx.K}. Replace the op in f (or open an issue with this message)."
-        )
-    _warn_once(name, f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback (slower).")
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    jet_pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
-    primals = [a.p if isinstance(a, Jet) else a for a in flat]
-
-    def call(*jet_primals):
-        vals = list(primals)
-        for i, v in zip(jet_pos, jet_primals):
-            vals[i] = v
-        a, k = pytree.tree_unflatten(vals, spec)
-        return op(*a, **k)
-
-    jp = tuple(primals[i] for i in jet_pos)
-    y = call(*jp)
-    X = [flat[i].c[0] for i in jet_pos]
-    if all(t is None for t in X):
-        return y
-    rows = next(t for t in X if t is not None).shape[0]
-    tangents_rows = []
-    for r in range(rows):
-        tangents = tuple(
-            (t[r].expand(p.shape) if t is not None else torch.zeros_like(p)) for t, p in zip(X, jp)
-        )
-        try:
-            _, dy = torch.func.jvp(call, jp, tangents)
-        except NotImplementedError as e:  # PyTorch has no forward-mode formula either (grid_sampler_3d ...)
-            raise NoForwardDerivative(
-                f"torchderiv: no Taylor rule for `{name}`, and PyTorch has no forward-mode derivative for it "
-                f"({str(e).splitlines()[0]}). Use method='reverse' (jacobian, hessian), or replace the op in f."
-            ) from e
-        tangents_rows.append(dy)
-    def wrap(yi, rows_i):
-        # integer outputs (indices of sort / topk / max) carry no derivative: plain tensors, not jets
-        if not (isinstance(yi, torch.Tensor) and (yi.is_floating_point() or yi.is_complex())):
-            return yi
-        return Jet(yi, [torch.stack(rows_i)])
-
-    if isinstance(y, torch.Tensor):
-        return wrap(y, tangents_rows)
-    return type(y)(wrap(yi, [t[i] for t in tangents_rows]) for i, yi in enumerate(y))
-
-
-# ----------------------------------------------------------------------------- interpretation
-
-
-def _functional(op):
-    """The out-of-place twin of an in-place ATen op (``add_`` -> ``add``), else the op itself."""
-    if not isinstance(op, torch._ops.OpOverload):
-        return op
-    name = op._schema.name.split("::")[-1]
-    if not name.endswith("_") or name.startswith("_"):
-        return op
-    packet = getattr(torch.ops.aten, name[:-1], None)
-    twin = getattr(packet, op._overloadname, None) if packet is not None else None
-    return twin if twin is not None else op
-
-
-def _no_rule(ctx: Ctx, op, args, kwargs):
-    """Ops without a rule: constants when they produce no floating-point tensor, else the fallback."""
-    primal = pytree.tree_map(lambda a: a.p if isinstance(a, Jet) else a, (args, kwargs))
-    y = op(*primal[0], **primal[1])
-    outs = [t for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
-    if not any(t.is_floating_point() or t.is_complex() for t in outs):
-        return y  # comparisons, argmax, integer index math: no derivative flows
-    return _fallback(ctx, op, args, kwargs)
-
-
-def _interpret(ctx: Ctx, gm: fx.GraphModule, inputs: list):
-    env: dict = {}
-    it = iter(inputs)
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            env[n] = next(it)
-        elif n.op == "call_function":
-            args = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
-            kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
-            if n.target is operator.getitem:
-                env[n] = args[0][args[1]]
-                continue
-            has_jet = any(isinstance(a, Jet) for a in pytree.tree_leaves((args, kwargs)))
-            if not has_jet:
-                env[n] = n.target(*args, **kwargs)
-                continue
-            target = _functional(n.target)
-            r = RULES.get(target)
-            try:
-                if r is None:
-                    raise Unsupported("no rule")
-                env[n] = r(ctx, *args, **kwargs)
-            except Unsupported:
-                env[n] = _no_rule(ctx, target, args, kwargs)
-            if target is not n.target and isinstance(n.args[0], fx.Node):
-                env[n.args[0]] = env[n]  # an in-place op: later readers of its input see the result
-        elif n.op == "output":
-            return pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args[0])
-        else:  # pragma: no cover - capture removes get_attr / call_module
-            raise RuntimeError(f"torchderiv: unexpected node {n.op} {n.target}")
-
-
-def seeds(plan_dirs: list, x: torch.Tensor, batched: bool) -> torch.Tensor:
-    """Seeds ``[R, 1, *in]`` (batched) or ``[R, *in]``: one-hot for an int direction (an input coordinate),
-    else the sparse vector ``((coord, value), ...)``."""
-    in_shape = x.shape[1:] if batched else x.shape
-    n = 1
-    for s in in_shape:
-        n *= s
-    eye = torch.zeros(len(plan_dirs), n, dtype=x.dtype, device=x.device)
-    for r, d in enumerate(plan_dirs):
-        for c, v in ((d, 1.0),) if isinstance(d, int) else d:
-            eye[r, c] = v
-    return eye.reshape(len(plan_dirs), *([1] if batched else []), *in_shape)
-
-
-def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool,
-          outputs: tuple[int, ...] | None = None) -> fx.GraphModule:
-    """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``.
-
-    ``outputs`` names the orders the caller reads; the others come back as ``None`` and the work that
-    only they needed (the last layers' lower-order coefficients of a Laplacian) is removed from the graph."""
-
-    def taylor(xx, *consts):
-        ctx = Ctx(plan)
-        xj = Jet(xx, [s] + [None] * (plan.order - 1))
-        out = _interpret(ctx, cap.gm, [xj, *consts])
-        if not isinstance(out, Jet):
-            out = Jet(out, [None] * plan.order)
-        coefs = []
-        for k, X in enumerate(out.c):
-            if outputs is not None and k + 1 not in outputs:
-                coefs.append(None)
-                continue
-            if X is None:
-                X = ctx.zeros(k + 1, out.p)
-            coefs.append(X)
-        return (out.p, *coefs)
-
-    # tensors made while building (seeds, index and coefficient tables) are kept in the graph: never
-    # inference tensors, which could not take part in a later call that autograd records
-    with torch.inference_mode(False), torch.no_grad():
-        # building runs the ops for real: buffers that f updates in place (spectral_norm's power iteration in
-        # training mode) are written in copies, so that only the calls of the graph advance them
-        written = {n.args[0] for n in cap.gm.graph.nodes
-                   if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                   and n.target._schema.is_mutable and n.args and isinstance(n.args[0], fx.Node)}
-        holders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][1:]
-        consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
-        xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
-        s = seeds(dirs, x, batched)
-        gm = make_fx(taylor)(xb, *consts)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
-
-
-# ----------------------------------------------------------------------------- cache
 
 
 @dataclass
@@ -452,7 +262,7 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     out = next(n for n in cap.gm.graph.nodes if n.op == "output").args[0]
     cap.out_val = pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, out)
     if not isinstance(cap.out_val, torch.Tensor):
-        _check_traced_output(fname, cap.out_val, x, batched)
+        check_output(fname, cap.out_val, x, batched)
     if batched and x.shape[0] > 1:  # a single row has nothing to mix with
         try:
             check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
@@ -462,80 +272,12 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
             # a 1-D x whose entries f mixes: almost always one point passed without its batch dimension
             raise BatchMixingError(f"{fname}: {one_d_hint(x)} (f mixes the entries of x, which batched=True "
                                    f"reads as separate samples)") from e
-    _check_traced_output(fname, cap.out_val, x, batched)
+    check_output(fname, cap.out_val, x, batched)
     slot[key] = (cap, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return cap
 
 
-_NORMS = ("native_layer_norm.default", "native_batch_norm.default", "_native_batch_norm_legit.default",
-          "_native_batch_norm_legit.no_stats", "_native_batch_norm_legit_no_training.default",
-          "native_group_norm.default")
-
-
-def reverse_function(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Callable:
-    """``f`` as the torch.func (reverse) paths should run it: its traced graph with normalization layers
-    written out in elementary ops (torch's own higher derivatives of ``native_layer_norm`` and
-    ``native_batch_norm`` are wrong in some versions: parameter gradients of Hessians, third
-    derivatives), reading the live parameters. Shape-specialized to ``x``; cached like the rest."""
-    slot = _slot(f)
-    key = ("reverse", tuple(x.shape), x.dtype, x.device, batched, _mode(f))
-    e = slot.get(key)
-    if e is None or not e.fresh(f):
-        cap = captured(f, x, batched, fname)
-        from torch._decomp import get_decompositions
-
-        ops = []
-        for name in _NORMS:
-            packet, overload = name.split(".")
-            op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
-            if op is not None:
-                ops.append(op)
-        consts = cap.constants
-        with torch.inference_mode(False), torch.no_grad():
-            fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            table = get_decompositions(ops)
-            table[torch.ops.aten.copy.default] = copy_out_of_place  # functional copy has no autograd formula
-            gm = make_fx(cap.gm, decomposition_table=table, tracing_mode="fake",
-                         _allow_non_fake_inputs=True)(fake_x, *[c.detach() for c in consts])
-        _patch_for_autograd(gm)
-        e = Entry(gm=gm, constants=consts, **_state(f, cap))
-        slot[key] = e
-    gm, consts = e.gm, e.constants
-    # the graph was traced at a contiguous x: its views assume those strides (channels_last, expanded or
-    # transposed inputs would fail in `view` or in an in-place write)
-    return lambda xx: gm(xx.contiguous(), *consts)
-
-
-def _patch_for_autograd(gm: fx.GraphModule) -> None:
-    """Work around two gaps of torch's reverse mode in the traced graph (both met in slice writes such as
-    an FNO's ``Y[..., :modes] = ...`` or ``buf[:, 1:] = h``): autograd has no complex formula for
-    slice_scatter / select_scatter, so complex ones run on real views, as the forward rules do; and the
-    backward of a slice under vmap overflows on the open end ``2**63 - 1`` of ``x[1:]``, so slice bounds
-    are clamped to the dim's size."""
-    aten = torch.ops.aten
-    swap = {aten.slice_scatter.default: _slice_scatter_op, aten.select_scatter.default: _select_scatter_op}
-    bounds = {aten.slice.Tensor: 2, aten.slice_scatter.default: 3}  # position of start (end follows)
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target in bounds and isinstance(n.args[0], fx.Node):
-            i = bounds[n.target]
-            args = list(n.args)
-            src = n.args[0].meta.get("val")
-            dim = args[i - 1] if len(args) > i - 1 else 0
-            if isinstance(src, torch.Tensor) and src.dim():
-                size = src.shape[dim]
-                for j in (i, i + 1):
-                    if j < len(args) and isinstance(args[j], int) and args[j] > size:
-                        args[j] = size
-                n.args = tuple(args)
-        val = n.meta.get("val")
-        if n.target in swap and isinstance(val, torch.Tensor) and val.is_complex():
-            n.target = swap[n.target]
-    gm.recompile()
-
-
-def _check_traced_output(fname: str, y, x: torch.Tensor, batched: bool) -> None:
+def check_output(fname: str, y, x: torch.Tensor, batched: bool) -> None:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{fname}: f must return a single tensor, got {type(y).__name__}")
     if batched and (y.dim() == 0 or y.shape[0] != x.shape[0]):
@@ -571,10 +313,6 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     if e.error is not None:
         raise type(e.error)(*e.error.args)
     return e
-
-
-def run(entry: Entry, x: torch.Tensor):
-    return entry.gm(x.contiguous(), *entry.constants)
 
 
 # ----------------------------------------------------------------------------- fast path
