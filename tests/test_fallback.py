@@ -342,3 +342,12 @@ def test_capture_disabled_is_what_the_memory_test_measures(monkeypatch):
         got = td.partials(model, x, [(0, 1)])
     assert any("could not be traced" in str(m.message) for m in w)
     assert_close(got[(0, 1)], ref_partials(ref, x, [(0, 1)])[(0, 1)])
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import torchderiv._fallback as module
+
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 1 and result.failed == 0

@@ -138,7 +138,7 @@ def fallback_partials(fname: str, f: Callable[[Tensor], Tensor], x: Tensor, item
         >>> y, parts, sums = fallback_partials("demo", f, x, [(0,), (0, 1, 1)], [[((0, 0), 1.0), ((1, 1), 1.0)]],
         ...                                    batched=True)
         >>> parts[:, 0, 0].tolist(), sums[0, 0, 0].item()                   # d_s, d_s d_t^2, Laplacian
-        ([16.0, 24.0], 40.0)
+        ([16.0, 24.0], 28.0)
     """
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if budget < 1:
