@@ -701,3 +701,19 @@ def test_one_dimensional_x_of_scalar_samples_still_works():
     x = torch.linspace(-1.0, 1.0, 5, dtype=DT)
     assert_close(td.laplacian(torch.sin, x), -torch.sin(x))
     assert_close(td.jacobian(lambda t: t * torch.exp(t), x), (1 + x) * torch.exp(x))
+
+
+def test_one_dimensional_x_into_an_untraceable_f_that_mixes_names_the_fix():
+    """The torch.func fallback runs each scalar sample alone; f then fails on it: the message says why."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).to(DT)  # square: f(x) on the 1-D x passes the output check
+
+    def f(x):
+        if x.sum() > -1e9:  # data-dependent: no trace
+            return lin(x)
+        return x
+
+    with pytest.warns(UserWarning, match="could not be traced"):
+        with pytest.raises(RuntimeError, match=r"^laplacian: f raised an error on x of shape \(3,\): .*"
+                                               r"x is 1-D of shape \(3,\); .*x\[None\] / x\.unsqueeze\(0\)"):
+            td.laplacian(f, _x(3))

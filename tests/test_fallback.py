@@ -351,3 +351,21 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_scalar_samples_and_a_scalar_point():
+    """x of shape [B] (one scalar per sample) and a 0-d point with batched=False, orders 1-4."""
+    def f(x):
+        return torch.sin(x) * x
+
+    x = torch.linspace(0.1, 1.0, 5, dtype=DT)
+    s, c = torch.sin(x), torch.cos(x)
+    d = [s * x, c * x + s, -s * x + 2 * c, -c * x - 3 * s, s * x - 4 * c]
+    y, parts, _ = fallback_partials("partials", f, x, [(), (0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)], [], True)
+    for k in range(5):
+        assert_close(parts[k], d[k], msg=str(k))
+    p = torch.tensor(0.7, dtype=DT)
+    _, parts, sums = fallback_partials("partials", f, p, [(0, 0, 0)], [[((0, 0), 2.0)]], False)
+    s, c = torch.sin(p), torch.cos(p)
+    assert_close(parts[0], -c * p - 3 * s)
+    assert_close(sums[0], 2 * (-s * p + 2 * c))
