@@ -273,6 +273,10 @@ def test_memory_budget_bounds_the_chunks_and_keeps_the_result():
     assert_close(p1.detach(), p0.detach())
     assert_close(s1.detach(), s0.detach())
     assert_close(s0[0].detach(), ref_laplacian(ref, x))
+    y2, p2, s2 = fallback_partials("partials", model, x, spec, combos, True, chunk_size=2)
+    assert _Runner("partials", model, x, True, None, 1 << 30, 2)._sizes(2, 9) == (x.shape[0], 2)
+    assert_close(p2.detach(), p0.detach())
+    assert_close(s2.detach(), s0.detach())
     with pytest.raises(ValueError, match="memory_budget"):
         fallback_partials("partials", model, x, spec, combos, True, memory_budget=0)
 
@@ -369,3 +373,35 @@ def test_scalar_samples_and_a_scalar_point():
     s, c = torch.sin(p), torch.cos(p)
     assert_close(parts[0], -c * p - 3 * s)
     assert_close(sums[0], 2 * (-s * p + 2 * c))
+
+
+def test_fused_attention_is_written_out():
+    """nn.MultiheadAttention / scaled_dot_product_attention run torch's fused CPU kernel, whose backward has no
+    derivative (forward mode needs one): written out, against a hand-written twin, orders 1-3."""
+    from test_zoo_unseen import TorchMHA
+
+    torch.manual_seed(11)
+    mha = TorchMHA().to(DT).eval()
+    x = _x(2, 2, 4, seed=12)
+    spec = [(0,), (1, 6), (2, 2), (0, 3, 7)]
+    _, parts, _ = fallback_partials("partials", mha, x, spec, [], True)
+    expected = ref_partials(mha.reference, x, spec)
+    for i, key in enumerate(spec):
+        assert_close(parts[i].detach(), expected[key], msg=f"mha {key}")
+
+    def sdpa(z):  # [B, 6] -> [B, 2, 3] as queries, keys and values of one causal attention
+        q = z.reshape(-1, 2, 3)
+        return F.scaled_dot_product_attention(q, 0.5 * q, torch.tanh(q), is_causal=True)
+
+    def twin(z):
+        q = z.reshape(-1, 2, 3)
+        s = (q @ (0.5 * q).transpose(-2, -1)) / 3**0.5
+        s = s.masked_fill(~torch.ones(2, 2, dtype=torch.bool).tril(), float("-inf"))
+        return torch.softmax(s, -1) @ torch.tanh(q)
+
+    z = _x(3, 6, seed=13)
+    spec = [(0,), (1, 5), (2, 2), (0, 3, 4)]
+    _, parts, _ = fallback_partials("partials", sdpa, z, spec, [], True)
+    expected = ref_partials(twin, z, spec)
+    for i, key in enumerate(spec):
+        assert_close(parts[i], expected[key], msg=f"sdpa {key}")

@@ -26,8 +26,11 @@ Known torch gaps handled here:
 
 * torch's forward-over-forward derivative of ``layer_norm`` and of ``batch_norm`` with batch statistics
   (``instance_norm`` as well) is wrong from order 2 on (torch 2.13, checked against the written-out
-  formula and finite differences), and ``cdist`` has no forward derivative: while the fallback runs, these
-  functions are replaced by their formulas in elementary ops (:class:`_WrittenOut`).
+  formula and finite differences); ``cdist`` has no forward derivative, nor has the backward of the fused
+  CPU kernel of ``scaled_dot_product_attention`` a derivative (which its forward-mode derivative needs):
+  while the fallback runs, these functions are replaced by their formulas in elementary ops
+  (:class:`_WrittenOut`; ``multi_head_attention_forward`` is sent down its explicit softmax path, as a
+  torch function mode does not see the calls made inside a function it intercepted).
 * An operator without any forward-mode derivative (``grid_sampler_3d``) makes the forward nesting raise
   ``NotImplementedError``; the request is then recomputed with reverse nesting: each directional
   derivative ``J v`` as the derivative of the linear map ``u -> J^T u`` (a double vector-Jacobian
@@ -36,6 +39,7 @@ Known torch gaps handled here:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -60,7 +64,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 at once. Pass ``memory_budget=`` to :func:`fallback_partials` to change it per call."""
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "fallback_partials", "map_samples", "per_sample", "probe_output",
-           "traced_fallback"]
+           "traced_fallback", "written_out"]
 
 
 # ----------------------------------------------------------------------------- shared with the reverse paths
@@ -92,7 +96,7 @@ def per_sample(f: Callable, batched: bool) -> Callable:
     return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
 
 
-def traced_fallback(fname, f, x, items, combos, batched, err, directions=None):
+def traced_fallback(fname, f, x, items, combos, batched, err, directions=None, chunk_size=None):
     """The whole request through :func:`fallback_partials`, after a failed trace (``err``), with a warning."""
     probe_output(fname, f, x, batched)  # an error of f itself is reported as such, not as a fallback
     warnings.warn(
@@ -100,7 +104,7 @@ def traced_fallback(fname, f, x, items, combos, batched, err, directions=None):
         f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
         stacklevel=4,
     )
-    return fallback_partials(fname, f, x, items, combos, batched, directions=directions)
+    return fallback_partials(fname, f, x, items, combos, batched, directions=directions, chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -108,7 +112,8 @@ def traced_fallback(fname, f, x, items, combos, batched, err, directions=None):
 
 def fallback_partials(fname: str, f: Callable[[Tensor], Tensor], x: Tensor, items: Sequence[MultiIndex],
                       combos: Sequence[Combo], batched: bool, *, directions: Sequence[Direction] | None = None,
-                      memory_budget: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                      memory_budget: int | None = None, chunk_size: int | None = None,
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Partial derivatives of ``f`` at ``x`` without a trace: only the requested entries, memory-bounded.
 
     Args:
@@ -124,6 +129,8 @@ def fallback_partials(fname: str, f: Callable[[Tensor], Tensor], x: Tensor, item
             per-sample input coordinates; multi-indices then index these directions (univariate Taylor
             along chosen directions, as the biharmonic uses).
         memory_budget: bytes one chunk may use (default :data:`DEFAULT_MEMORY_BUDGET`).
+        chunk_size: at most this many multi-indices per chunk (the operators' ``chunk_size``), on top of the
+            memory budget.
 
     Returns:
         ``(y, parts, sums)``: ``y = f(x)``; ``parts`` is ``[len(items), *y.shape]`` (``None`` without items),
@@ -145,7 +152,7 @@ def fallback_partials(fname: str, f: Callable[[Tensor], Tensor], x: Tensor, item
         raise ValueError(f"{fname}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
     items = [tuple(sorted(a)) for a in items]
     combos = [[(tuple(sorted(a)), float(w)) for a, w in c] for c in combos]
-    runner = _Runner(fname, f, x, batched, directions, budget)
+    runner = _Runner(fname, f, x, batched, directions, budget, chunk_size)
     try:
         return runner.run(items, combos)
     except NotImplementedError as e:
@@ -206,6 +213,38 @@ def _cdist(x1, x2, p=2.0, compute_mode=None):
     return _capture_cdist(x1, x2, p, compute_mode)  # the capture's own decomposition
 
 
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``scaled_dot_product_attention`` as softmax(q k^T * scale + mask) v: torch's fused CPU kernel has no
+    derivative of its backward, which its forward-mode derivative needs."""
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    s = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        L, S = query.shape[-2], key.shape[-2]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    a = torch.softmax(s, -1)
+    if dropout_p > 0:
+        a = torch.dropout(a, dropout_p, True)
+    return a @ value
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _multi_head_attention(*args, **kwargs):
+    """``multi_head_attention_forward`` on its explicit softmax path (taken when the weights are asked for)
+    rather than the fused attention kernel; the weights are dropped again when they were not asked for."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    need = bound.arguments.get("need_weights", _MHA_SIGNATURE.parameters["need_weights"].default)
+    bound.arguments["need_weights"] = True
+    out, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+    return out, (weights if need else None)
+
+
 _REWRITES = {
     F.layer_norm: _layer_norm,
     torch.layer_norm: _layer_norm,
@@ -216,6 +255,8 @@ _REWRITES = {
     torch.instance_norm: lambda input, weight, bias, rm, rv, use_input_stats, momentum, eps, *_: _instance_norm(
         input, rm, rv, weight, bias, use_input_stats, momentum, eps),
     torch.cdist: _cdist,
+    F.scaled_dot_product_attention: _sdpa,
+    F.multi_head_attention_forward: _multi_head_attention,
 }
 
 
@@ -225,6 +266,12 @@ class _WrittenOut(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         impl = _REWRITES.get(func)
         return (impl or func)(*args, **(kwargs or {}))
+
+
+def written_out() -> TorchFunctionMode:
+    """A context in which the functions torch differentiates wrongly or not at all (:data:`_REWRITES`) run as
+    their formulas in elementary ops; for every torch.func path that runs ``f`` itself."""
+    return _WrittenOut()
 
 
 # ----------------------------------------------------------------------------- cost probe
@@ -287,8 +334,9 @@ class _Runner:
     """One fallback request: the per-sample function, the direction vectors, the chunking and the
     vmap-or-loop decisions (remembered once ``vmap`` has failed)."""
 
-    def __init__(self, fname, f, x, batched, directions, budget):
+    def __init__(self, fname, f, x, batched, directions, budget, chunk_size=None):
         self.fname, self.f, self.x, self.batched, self.budget = fname, f, x, batched, budget
+        self.chunk_size = chunk_size
         self.directions = directions
         self.ins = tuple(x.shape[1:]) if batched else tuple(x.shape)
         self.n = math.prod(self.ins)
@@ -324,6 +372,7 @@ class _Runner:
         """(samples, directions) per chunk for ``m`` multi-indices of order ``k``."""
         B = self.x.shape[0] if self.batched else 1
         c = self._unit_cost(k)
+        m = min(m, self.chunk_size or m)
         if B * c <= self.budget:
             return B, max(1, min(m, self.budget // (B * c)))
         return max(1, self.budget // c), 1
