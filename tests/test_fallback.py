@@ -405,3 +405,28 @@ def test_fused_attention_is_written_out():
     expected = ref_partials(twin, z, spec)
     for i, key in enumerate(spec):
         assert_close(parts[i], expected[key], msg=f"sdpa {key}")
+
+
+def test_expanded_x_and_an_f_that_runs_autograd_inside():
+    """An expanded x cannot carry a tangent (made contiguous); an f calling torch.autograd.grad on an x it
+    makes require grad cannot run under forward mode (switched to reverse nesting)."""
+    torch.manual_seed(14)
+    energy = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).to(DT)
+
+    def field(x):  # the symplectic field (dH/dp, -dH/dq)
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.requires_grad_(True)
+            g = torch.autograd.grad(energy(x).sum(), x, create_graph=True)[0]
+        return torch.stack([g[:, 1], -g[:, 0]], -1)
+
+    x = _x(3, 1, seed=15).expand(3, 2)
+    spec = [(), (0,), (1,), (0, 1), (1, 1)]
+    y, parts, _ = fallback_partials("partials", field, x, spec, [], True)
+
+    def twin(z):  # the same field by torch.func, no autograd inside
+        return torch.func.vmap(torch.func.grad(lambda zi: energy(zi[None])[0, 0]))(z) @ torch.tensor(
+            [[0.0, -1.0], [1.0, 0.0]], dtype=DT)
+
+    expected = ref_partials(twin, x.contiguous(), spec)
+    for i, key in enumerate(spec):
+        assert_close(parts[i].detach(), expected[key], msg=str(key))

@@ -34,12 +34,13 @@ def quiet_torch_logs():
             lg.disabled = was
 
 
-def f_error(fname: str, x: Tensor, e: BaseException, *, batched: bool = True) -> BaseException:
+def f_error(fname: str, x: Tensor, e: BaseException, *, batched: bool = True,
+            what: str = "f raised an error") -> BaseException:
     """``e`` (raised by ``f`` itself) as the same exception type with the operator's name and ``x``'s shape in
     front of torch's own message; the caller raises it ``from e``. A 1-D ``x`` with ``batched=True`` gets the
     hint that each entry is one sample."""
     shape = tuple(x.shape)
-    msg = f"{fname}: f raised an error on x of shape {shape}: {e}"
+    msg = f"{fname}: {what} on x of shape {shape}: {e}"
     if batched and x.dim() == 1:
         msg += "; " + one_d_hint(x)
     if e.__context__ is not None and e.__cause__ is None:

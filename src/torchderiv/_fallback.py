@@ -155,12 +155,17 @@ def fallback_partials(fname: str, f: Callable[[Tensor], Tensor], x: Tensor, item
     runner = _Runner(fname, f, x, batched, directions, budget, chunk_size)
     try:
         return runner.run(items, combos)
-    except NotImplementedError as e:
-        if not _no_forward_derivative(e):
-            raise
-    # an operator without a forward-mode derivative: reverse nesting (double vjp) instead
-    runner.reverse = True
-    return runner.run(items, combos)
+    except Exception as e:  # noqa: BLE001 - f ran eagerly before, so its derivatives failed: try reverse mode
+        forward_error = e
+    # an operator without a forward-mode derivative (grid_sampler_3d), or an f that needs x to require grad
+    # (torch.autograd.grad inside f): reverse nesting (double vjp) instead
+    runner = _Runner(fname, f, x, batched, directions, budget, chunk_size, reverse=True)
+    try:
+        return runner.run(items, combos)
+    except Exception:
+        if _no_forward_derivative(forward_error):
+            raise  # reverse mode's own failure says more than "no forward derivative"
+        raise forward_error from forward_error.__cause__
 
 
 # ----------------------------------------------------------------------------- ops torch gets wrong
@@ -334,13 +339,14 @@ class _Runner:
     """One fallback request: the per-sample function, the direction vectors, the chunking and the
     vmap-or-loop decisions (remembered once ``vmap`` has failed)."""
 
-    def __init__(self, fname, f, x, batched, directions, budget, chunk_size=None):
-        self.fname, self.f, self.x, self.batched, self.budget = fname, f, x, batched, budget
+    def __init__(self, fname, f, x, batched, directions, budget, chunk_size=None, reverse=False):
+        # an expanded x (one memory location for several entries) cannot carry a tangent
+        self.fname, self.f, self.x, self.batched, self.budget = fname, f, x.contiguous(), batched, budget
         self.chunk_size = chunk_size
         self.directions = directions
         self.ins = tuple(x.shape[1:]) if batched else tuple(x.shape)
         self.n = math.prod(self.ins)
-        self.reverse = False
+        self.reverse = reverse
         self.vmap_samples = batched
         self.vmap_dirs = True
         self.cost = None
@@ -386,7 +392,7 @@ class _Runner:
             if _no_forward_derivative(e):
                 raise
             raise _f_error(self.fname, self.x, self.batched, e) from e
-        except Exception as e:  # noqa: BLE001 - f's own error, reported with the operator and the shape
+        except Exception as e:  # noqa: BLE001 - reported with the operator and the shape
             raise _f_error(self.fname, self.x, self.batched, e) from e
 
     def _dirs(self, xi: Tensor, tangents: list[Tensor], shared: list[bool]) -> Tensor:
@@ -504,4 +510,6 @@ def _chunks(keys: list[MultiIndex], size: int) -> list[list[MultiIndex]]:
 
 
 def _f_error(fname: str, x: Tensor, batched: bool, e: BaseException) -> BaseException:
-    return f_error(fname, x, e, batched=batched)
+    # f itself ran on x before: what failed is f on one sample, or torch.func differentiating it
+    return f_error(fname, x, e, batched=batched, what="the torch.func fallback (f on one sample, differentiated "
+                                                       "by nested jvp / vjp) raised an error")
