@@ -21,6 +21,7 @@ from ._capture import BatchMixingError, TraceError
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "jacobian",
     "jacobian_diagonal",
@@ -36,3 +37,12 @@ __all__ = [
     "BatchMixingError",
     "TraceError",
 ]
+
+
+def __getattr__(name: str):
+    # optional integrations load on first access, so that importing torchderiv never imports them
+    if name == "deepxde":
+        import importlib
+
+        return importlib.import_module(".deepxde", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

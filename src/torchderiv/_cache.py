@@ -294,16 +294,19 @@ def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
 
 
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
-                     fname: str, outputs: tuple[int, ...] | None = None) -> Entry:
+                     fname: str, outputs: tuple[int, ...] | None = None,
+                     seed_shape: tuple[int, ...] | None = None) -> Entry:
+    """The cached generated graph; with ``seed_shape`` its seeds are a graph input (see ``build``)."""
     slot = _slot(f)
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs)
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs, seed_shape)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
     else:
         cap = captured(f, x, batched, fname)
         try:
-            e = Entry(gm=build(cap, plan, dirs, x, batched, outputs), constants=cap.constants, **_state(f, cap))
+            gm = build(cap, plan, dirs, x, batched, outputs, seed_shape)
+            e = Entry(gm=gm, constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive
             e = Entry(gm=None, constants=cap.constants, error=type(err)(*err.args), **_state(f, cap))

@@ -4,7 +4,7 @@
       -> _dispatch.dispatch
            -> _cache.fast_call                   (a registered call path: replayed, done)
            -> validate, _requests.prepare        (what to propagate, how to assemble the result)
-           -> choose_method                      (forward Taylor, or reverse where the operator has it)
+           -> _method                            (auto: the calibrated cost model, _costmodel)
            -> _taylor.taylor | Work.reverse      (-> _cache -> _capture / _build)
 
 The fallback policy is the same for every operator: with ``method="auto"``, an op that PyTorch cannot
@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ._build import NoForwardDerivative
-from ._cache import fast_call, output_shape
+from ._cache import captured, fast_call
 from ._capture import TraceError
+from ._costmodel import autograd_units, choose, forward_units, graph_cost, reverse_units
+from ._random import is_random
+from ._random import run as run_random
 from ._requests import METHODS, Request, Work, in_shape, prepare
-from ._taylor import taylor
+from ._taylor import streams, taylor
 
 
 def validate(req: Request, f, x) -> None:
@@ -48,46 +52,60 @@ def validate(req: Request, f, x) -> None:
         raise ValueError(f"{fname}: chunk_size must be None or a positive int, got {cs!r}")
 
 
-def choose_method(kind: str, n_in: int, n_out: int) -> str:
-    """The documented cost model of ``method="auto"``, in forward-pass equivalents (FPE).
+def choose_method(op: str, f, x: Tensor, *, batched: bool = True, **options) -> str:
+    """The method that ``method="auto"`` picks for the call ``op(f, x, batched=batched, **options)``.
 
-    Forward Taylor mode costs about one FPE per propagated coefficient stream. A reverse (vector-Jacobian)
-    pass costs about 3 FPE (forward plus backward), vectorized over output directions.
-
-    * ``jacobian``: forward ``1 + n_in`` against reverse ``1 + 3 n_out``.
-    * ``hessian``: forward ``1 + n_in + n_in (n_in + 1) / 2`` against reverse-over-reverse
-      ``3 n_out (1 + n_in)``.
-    * everything else (collapsed Laplacian, partials, biharmonic): forward.
+    A pure function of the request, ``f``'s traced graph, ``x``'s shape / dtype / device, the grad mode
+    (whether a backward to the parameters of ``f`` can follow) and whether torch.compile is tracing: the
+    calibrated cost model of :mod:`torchderiv._costmodel` (constants fitted by ``torchderiv calibrate``)
+    predicts each admissible method's time and the least wins. ``f`` is traced (cached), not run.
 
     Example:
-        >>> import torchderiv
-        >>> torchderiv.choose_method("jacobian", n_in=100, n_out=1)
+        >>> import torch, torchderiv
+        >>> net = torch.nn.Sequential(torch.nn.Linear(100, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        >>> with torch.no_grad():
+        ...     torchderiv.choose_method("jacobian", net, torch.rand(64, 100))
         'reverse'
     """
-    if kind == "jacobian":
-        return "forward" if 1 + n_in <= 1 + 3 * n_out else "reverse"
-    if kind == "hessian":
-        fwd = 1 + n_in + n_in * (n_in + 1) / 2
-        rev = 3 * n_out * (1 + n_in)
-        return "forward" if fwd <= rev else "reverse"
-    return "forward"
-
-
-def _out_size(req: Request, f, x: Tensor) -> int:
-    """Per-sample output size of ``f``, read off the traced graph (``f`` itself is not run)."""
-    try:
-        shape = output_shape(f, x, req.batched, req.op)
-    except TraceError:
-        return 1  # untraceable f: the torch.func fallback is used whatever the method
-    return math.prod(shape[1:] if req.batched else shape)
+    op = getattr(op, "__name__", op)
+    if op not in METHODS:
+        raise ValueError(f"choose_method: op must name a torchderiv operator ({', '.join(METHODS)}), got {op!r}")
+    req = Request(op, batched, "auto", None, tuple(options.items()))
+    validate(req, f, x)
+    return _method(req, prepare(req, f, x), f, x)
 
 
 def _method(req: Request, work: Work, f, x: Tensor) -> str:
     if req.method != "auto":
         return req.method
-    if work.reverse is None or work.kind not in ("jacobian", "hessian"):
-        return "forward"
-    return choose_method(work.kind, work.n_in, _out_size(req, f, x))
+    try:
+        cap = captured(f, x, req.batched, req.op)
+    except TraceError:
+        return "forward"  # untraceable f: the torch.func fallback is used whatever the method
+    batch = x.shape[0] if req.batched else 1
+    grad = torch.is_grad_enabled() and any(isinstance(c, Tensor) and c.requires_grad for c in cap.constants)
+    units = candidates(req, work, cap)
+    if torch.compiler.is_compiling():
+        units.pop("autograd", None)  # a graph break at every torch.autograd.grad
+    return choose(units, graph_cost(cap.gm, batch), batch, grad)
+
+
+def candidates(req: Request, work: Work, cap) -> dict[str, float]:
+    """The admissible methods of a request and their units of work (see :mod:`torchderiv._costmodel`)."""
+    m = math.prod(cap.out_val.shape[1:] if req.batched else cap.out_val.shape)
+    allowed = METHODS[req.op]
+    units = {"forward": forward_units(streams(work.items, work.combos, work.directions))}
+    if "reverse" in allowed and work.reverse is not None and work.kind in ("jacobian", "hessian"):
+        units["reverse"] = reverse_units(work.kind, m, work.n_in)
+    if "autograd" in allowed and autograd_admissible(cap, work):
+        indices = list(work.items) + [a for c in (work.reference_combos or work.combos) for a, _ in c]
+        units["autograd"] = autograd_units(indices, m)
+    return units
+
+
+def autograd_admissible(cap, work: Work) -> bool:
+    """Whether nested torch.autograd can serve ``work`` exactly (set by the autograd method's module)."""
+    return False
 
 
 def dispatch(req: Request, f, x):
@@ -98,6 +116,8 @@ def dispatch(req: Request, f, x):
         if r is not None:
             return r
     validate(req, f, x)
+    if is_random(req):  # estimator= / directions=: an unbiased randomized estimate (issue 14)
+        return run_random(req, f, x)
     work = prepare(req, f, x)
     if work.direct is not None:
         return work.direct()

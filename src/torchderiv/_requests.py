@@ -50,7 +50,9 @@ class Request:
         opts = _frozen(self.options)
         if opts is _MISSING:
             return None
-        return (self.op, x.shape, x.dtype, x.device, self.batched, self.method, self.chunk_size, opts)
+        # "auto" may choose differently with and without a backward to the parameters ahead
+        grad = torch.is_grad_enabled() if self.method == "auto" else None
+        return (self.op, x.shape, x.dtype, x.device, self.batched, self.method, self.chunk_size, opts, grad)
 
 
 def _frozen(v):

@@ -17,7 +17,7 @@ from ._plan import MultiIndex, Plan
 
 
 @lru_cache(maxsize=256)
-def _plan_for(items: tuple, combos: tuple, directions: tuple | None = None):
+def plan_for(items: tuple, combos: tuple, directions: tuple | None = None):
     """Remap input coordinates to direction indices and build the plan (cached: plans are pure).
 
     With ``directions`` (sparse direction vectors ``((coord, value), ...)``), multi-indices already
@@ -45,6 +45,17 @@ def _plan_for(items: tuple, combos: tuple, directions: tuple | None = None):
     return coords, plan, where_items, where_combos, whole
 
 
+def normalized(items, combos) -> tuple[tuple, tuple]:
+    """``items`` and ``combos`` as the hashable, sorted tuples that :func:`plan_for` takes."""
+    return (tuple(tuple(sorted(a)) for a in items),
+            tuple(tuple((tuple(a), float(w)) for a, w in c) for c in combos))
+
+
+def streams(items, combos, directions=None) -> Plan:
+    """The plan (coefficient rows per order) that the forward path propagates for a request."""
+    return plan_for(*normalized(items, combos), directions)[1]
+
+
 def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo], batched: bool,
            chunk_size: int | None = None, stacked: bool = True, assemble=None, fast_key=None, directions=None,
            reference_combos=None):
@@ -63,8 +74,7 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
     skip validation, planning and cache lookups (see :func:`torchderiv._cache.fast_call`).
     """
     assemble = assemble or (lambda *r: r)
-    items = tuple(tuple(sorted(a)) for a in items)
-    combos = tuple(tuple((tuple(a), float(w)) for a, w in c) for c in combos)
+    items, combos = normalized(items, combos)
     try:
         captured(f, x, batched, fname)
     except TraceError as e:  # the whole request through torch.func, unchunked
@@ -76,7 +86,7 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
         return assemble(y, parts, sums)
     if chunk_size is not None and (len(items) > chunk_size or any(len(c) > chunk_size for c in combos)):
         return assemble(*_chunked(fname, f, x, items, combos, batched, chunk_size, stacked, directions))
-    coords, plan, where_items, where_combos, whole = _plan_for(items, combos, directions)
+    coords, plan, where_items, where_combos, whole = plan_for(items, combos, directions)
     outputs = tuple(sorted({k for k, _ in where_items if k} | {k for k, _ in where_combos}))
     entry = derivative_graph(f, x, plan, coords, batched, fname, outputs)
     gm, consts = entry.gm, entry.constants

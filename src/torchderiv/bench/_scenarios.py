@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _dde
 from . import _methods as M
+from . import _stochastic as S
 from ._methods import Builder, Runner, Setup
 from ._peers import (
     af_jacobian_diagonal,
@@ -47,6 +49,8 @@ class Method:
     memory: bool = True  # measure its peak memory (False: a compiled method would recompile in the probe)
     # lays the method's own result out like the reference for the agreement check (not timed)
     standardize: Callable[[tuple], tuple] | None = None
+    # a randomized estimator: reported by its relative RMS error over repeated calls, not checked to rtol
+    stochastic: bool = False
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Scenario:
     forward: Callable[[Setup], Runner] | None = None  # the plain forward of FPE; default f(x)
     op: str = ""
     notes: list[str] = field(default_factory=list)
+    error_reps: int = 100  # calls of each stochastic method for its relative RMS error (10 with --quick)
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -128,6 +133,12 @@ def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
 # ----------------------------------------------------------------------------- the scenarios
 
 
+def dde_rows(problem: str) -> list[Method]:
+    """The two rows of a DeepXDE training step: DeepXDE alone, and with torchderiv.deepxde switched on."""
+    return [Method("deepxde dde.grad", _dde.step(problem, False)),
+            Method("deepxde + torchderiv.deepxde", _dde.step(problem, True), kind="torchderiv")]
+
+
 def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
     """Methods of seeds 000 and 002; with ``slow`` (400 outputs) the seed's full Jacobian is timed once,
     and the other per-output loops once in --quick mode."""
@@ -149,7 +160,8 @@ def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
 
 def build_registry() -> None:
     dde = dde_available()
-    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer)"]
+    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer); the dde-* "
+                           "training-step scenarios are left out"]
 
     register(Scenario(
         "seed000", "seed 000: per-sample dy/dx, net_x 1->20->20->4 tanh, B=10",
@@ -238,6 +250,8 @@ def build_registry() -> None:
         reference_rows=8, rtol=1e-2, no_grad=True, op="biharmonic",
         targets=[Target("torchderiv.biharmonic", min_speedup=3)]))
 
+    _random_scenarios()
+
     kdv_spec = ["", "x", "xxx"]
     kdv_idx = [(), (1,), (1, 1, 1)]
     register(Scenario(
@@ -250,6 +264,18 @@ def build_registry() -> None:
         baseline="autograd.grad nested loop", reference="autograd.grad nested loop", op="partials",
         rtol=2e-3))
 
+    if dde:
+        for problem, what in (("burgers", "Burgers 1-D + t, 2->20x3->1, 2540 points"),
+                              ("kovasznay", "Kovasznay 2-D, 2->50x4->3, 3000 points"),
+                              ("euler-beam", "Euler beam, 4th order by nested calls, 1->20x3->1, 200 points"),
+                              ("navier-stokes-3d", "3-D unsteady Navier-Stokes, 4->50x4->4, 2000 points")):
+            register(Scenario(
+                f"dde-{problem}", f"DeepXDE training step (residual, clear, backward): {what}",
+                _dde.make(problem), dde_rows(problem), baseline="deepxde dde.grad", reference="deepxde dde.grad",
+                op="deepxde step", rtol=2e-3,
+                notes=[f"dde-{problem}: the same DeepXDE-style step, with and without torchderiv.deepxde.enable(); "
+                       "times include dde.grad.clear() and the backward to the parameters"]))
+
     register(Scenario(
         "tiny-mlp", "tiny test scenario: Jacobian, 2->16->16->3 tanh, B=8",
         _seeded(lambda: Setup(mlp(2, 16, 16, 3), torch.randn(8, 2))),
@@ -257,6 +283,56 @@ def build_registry() -> None:
          Method("vmap(jacrev)", M.tf_jacobian("jacrev")),
          Method("autograd.grad loop over outputs", M.ag_jacobian)],
         baseline="autograd.grad loop over outputs", reference="vmap(jacrev)", op="jacobian", hidden=True))
+
+
+def _random_scenarios() -> None:
+    """Issue 14: randomized (stochastic Taylor) Laplacian and divergence against the exact operators."""
+    K = 16
+    D = 1000
+    lap = [Method("torchderiv.laplacian (exact)", M.td_op("laplacian"), kind="torchderiv", quick_once=True)]
+    for est in ("rademacher", "gaussian", "coordinates"):
+        lap.append(Method(f"torchderiv.laplacian {est} K={K}", S.td_random("laplacian", est, K),
+                          kind="torchderiv", stochastic=True))
+    lap.append(Method(f"torchderiv.laplacian rademacher K={K} shared", S.td_random("laplacian", "rademacher", K,
+                                                                                  shared=True),
+                      kind="torchderiv", stochastic=True))
+    lap.append(Method(f"torch.func vmap(jvp(jvp)) Hutchinson K={K}", S.tf_hutchinson_laplacian(K), stochastic=True))
+    notes = ["directions are drawn inside every timed call, per sample unless the row says shared; rel RMS err: "
+             "sqrt(mean (estimate - exact)^2) / sqrt(mean exact^2) over the repeated calls, against the "
+             "float64 exact Laplacian"]
+    jet_row = f"jet-for-pytorch randomized Laplacian K={K}"
+    if S.jet_available():
+        lap.append(Method(jet_row, S.jet_laplacian(K), stochastic=True))
+    else:
+        notes.append("jet-for-pytorch: not installed (its 1.0.0 wheel declares Python >= 3.12); its row and the "
+                     "1.5x target against it are left out")
+    rad = f"torchderiv.laplacian rademacher K={K}"
+    register(Scenario(
+        "laplacian-d1000-random",
+        f"randomized Laplacian, {D}->256->256->256->1 tanh, B=128, K={K}, under torch.no_grad",
+        _seeded(lambda: Setup(mlp(D, 256, 256, 256, 1), torch.randn(128, D))),
+        lap, baseline="torchderiv.laplacian (exact)", reference="torchderiv.laplacian (exact)", no_grad=True,
+        op="laplacian", notes=notes,
+        targets=[Target(rad, max_fpe=25), Target(rad, min_speedup=10)]
+        + ([Target(rad, min_speedup=1.5, versus=jet_row)] if S.jet_available() else [])))
+
+    Dc, H = 256, 512
+    div = [
+        Method("autograd.grad vjp Hutchinson K=1 (FFJORD)", S.ag_hutchinson_divergence(1), stochastic=True),
+        Method("torchderiv.divergence (exact)", M.td_op("divergence"), kind="torchderiv"),
+        Method("vmap(jacrev) diagonal", M._diag_of(M.tf_jacobian("jacrev"), True)),
+    ]
+    for est in ("rademacher", "gaussian", "coordinates"):
+        div.append(Method(f"torchderiv.divergence {est} K=1", S.td_random("divergence", est, 1),
+                          kind="torchderiv", stochastic=True))
+    div.append(Method("torch.func vmap(jvp) Hutchinson K=1", S.tf_hutchinson_divergence(1), stochastic=True))
+    register(Scenario(
+        "divergence-ffjord",
+        f"divergence of a CNF vector field, {Dc}->{H}->{H}->{Dc} softplus, B=256, K=1 (the FFJORD estimator)",
+        _seeded(lambda: Setup(S.CNFField(Dc, H), torch.randn(256, Dc))),
+        div, baseline="autograd.grad vjp Hutchinson K=1 (FFJORD)", reference="vmap(jacrev) diagonal",
+        op="divergence", notes=["directions drawn inside every timed call, per sample; rel RMS err against the "
+                                "float64 exact divergence"]))
 
 
 build_registry()
