@@ -18,6 +18,7 @@ from ._api import (
 )
 from ._cache import cache_info, clear_cache
 from ._capture import BatchMixingError, TraceError
+from ._sparsity import sparsity
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "divergence",
     "partials",
     "biharmonic",
+    "sparsity",
     "choose_method",
     "cache_info",
     "clear_cache",

@@ -25,7 +25,7 @@ __all__ = [
 
 
 def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
-             chunk_size: int | None = None) -> Tensor:
+             chunk_size: int | None = None, sparsity: bool | None = None, layout=None) -> Tensor:
     """Per-sample Jacobians of ``f`` at ``x``.
 
     Args:
@@ -38,6 +38,13 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
             input side is smaller, see :func:`torchderiv.choose_method`; reverse when ``f`` uses an op that
             PyTorch cannot differentiate in forward mode).
         chunk_size: propagate at most this many directions at once (bounds memory).
+        sparsity: exploit the per-sample sparsity pattern detected on the traced graph
+            (:func:`torchderiv.sparsity`): one forward stream per color of a column coloring instead of one
+            per input coordinate (docs/sparsity.md). ``None``: when the cost model says it pays; ``True``:
+            always (forward mode); ``False``: never.
+        layout: ``torch.strided`` (default) or ``torch.sparse_coo``: a sparse COO tensor of the same shape
+            holding the detected pattern's entries (for large ``n``, where a dense ``[B, m, n]`` would not
+            fit); differentiable w.r.t. the parameters of ``f`` as well.
 
     Returns:
         ``[B, *out, *in]`` with ``J[b, o, i] = d f(x)[b, o] / d x[b, i]`` (``[*out, *in]`` unbatched).
@@ -50,15 +57,18 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
         >>> torchderiv.jacobian(net, x).shape
         torch.Size([10, 4, 1])
     """
-    return dispatch(Request("jacobian", batched, method, chunk_size), f, x)
+    return dispatch(Request("jacobian", batched, method, chunk_size,
+                            (("sparsity", sparsity), ("layout", layout))), f, x)
 
 
 def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
-                      method: str = "auto", chunk_size: int | None = None) -> Tensor:
+                      method: str = "auto", chunk_size: int | None = None, sparsity: bool | None = None) -> Tensor:
     """Diagonal of the per-sample Jacobian, ``d f(x)[b, i] / d x[b, i]``, for maps with equal per-sample
     input and output shapes.
 
-    Returns ``[B, *in]`` (``[*in]`` unbatched). Other arguments as in :func:`jacobian`.
+    Returns ``[B, *in]`` (``[*in]`` unbatched). Other arguments as in :func:`jacobian`; with ``sparsity``
+    the coloring serves the diagonal only (coordinates ``i``, ``k`` share a stream unless ``J[i, k]`` or
+    ``J[k, i]`` can be nonzero): one stream for a pointwise map.
 
     Example:
         >>> import torch, torchderiv
@@ -67,15 +77,18 @@ def jacobian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool
                 [1., 1.],
                 [1., 1.]])
     """
-    return dispatch(Request("jacobian_diagonal", batched, method, chunk_size), f, x)
+    return dispatch(Request("jacobian_diagonal", batched, method, chunk_size, (("sparsity", sparsity),)), f, x)
 
 
 def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
-            chunk_size: int | None = None) -> Tensor:
+            chunk_size: int | None = None, sparsity: bool | None = None, layout=None) -> Tensor:
     """Per-sample Hessians ``[B, *out, *in, *in]`` of every output component.
 
     Forward mode propagates ``1 + n + n(n+1)/2`` coefficient streams in one generated pass (only the
-    pairs ``i <= j``); ``method="reverse"`` uses reverse-over-reverse (torch.func).
+    pairs ``i <= j``); ``method="reverse"`` uses reverse-over-reverse (torch.func). With ``sparsity``
+    (as in :func:`jacobian`), ``p`` colors under which every nonzero ``H_o[i, j]`` is the only nonzero of
+    its ``(color(i), color(j))`` block need ``1 + p`` plus one stream per color pair that holds a nonzero;
+    ``layout=torch.sparse_coo`` returns a sparse COO tensor.
 
     Example:
         >>> import torch, torchderiv
@@ -84,19 +97,22 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, m
         tensor([[6., 0.],
                 [0., 6.]])
     """
-    return dispatch(Request("hessian", batched, method, chunk_size), f, x)
+    return dispatch(Request("hessian", batched, method, chunk_size,
+                            (("sparsity", sparsity), ("layout", layout))), f, x)
 
 
 def hessian_diagonal(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True,
-                     method: str = "auto", chunk_size: int | None = None) -> Tensor:
+                     method: str = "auto", chunk_size: int | None = None, sparsity: bool | None = None) -> Tensor:
     """Diagonal second derivatives ``d2 f(x)[b, o] / d x[b, i]^2`` as ``[B, *out, *in]``.
+
+    ``sparsity`` as in :func:`hessian` (one order-2 stream per color; one for a pointwise map).
 
     Example:
         >>> import torch, torchderiv
         >>> torchderiv.hessian_diagonal(lambda x: (x ** 3).sum(-1, keepdim=True), torch.ones(1, 2))
         tensor([[[6., 6.]]])
     """
-    return dispatch(Request("hessian_diagonal", batched, method, chunk_size), f, x)
+    return dispatch(Request("hessian_diagonal", batched, method, chunk_size, (("sparsity", sparsity),)), f, x)
 
 
 def laplacian(f: Callable[[Tensor], Tensor], x: Tensor, *, dims: Sequence[int] | None = None,
@@ -161,15 +177,15 @@ def _random_options(estimator, samples, generator, return_stderr, shared, direct
 
 
 def divergence(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, method: str = "auto",
-               chunk_size: int | None = None, estimator: str | None = None, samples: int | None = None,
-               generator: torch.Generator | None = None, return_stderr: bool = False, shared: bool = False,
-               directions: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+               chunk_size: int | None = None, sparsity: bool | None = None, estimator: str | None = None,
+               samples: int | None = None, generator: torch.Generator | None = None, return_stderr: bool = False,
+               shared: bool = False, directions: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Per-sample divergence ``sum_i d f_i / d x_i`` of a map with equal input and output shapes: ``[B]``.
 
-    With ``estimator=`` (``"rademacher"``, ``"gaussian"``, ``"coordinates"``), the unbiased Hutchinson
-    estimate ``mean_k v_k^T J v_k`` of the trace of the Jacobian (the FFJORD estimator) from ``K = samples``
-    first-order streams; ``generator``, ``return_stderr`` (free here), ``shared`` and ``directions`` as in
-    :func:`laplacian`.
+    ``sparsity`` as in :func:`jacobian_diagonal` (exact calls). With ``estimator=`` (``"rademacher"``,
+    ``"gaussian"``, ``"coordinates"``), the unbiased Hutchinson estimate ``mean_k v_k^T J v_k`` of the trace
+    of the Jacobian (the FFJORD estimator) from ``K = samples`` first-order streams; ``generator``,
+    ``return_stderr`` (free here), ``shared`` and ``directions`` as in :func:`laplacian`.
 
     Example:
         >>> import torch, torchderiv
@@ -179,7 +195,7 @@ def divergence(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True
         >>> torchderiv.divergence(lambda x: 2 * x, torch.randn(5, 3), estimator="rademacher", samples=1, generator=g)
         tensor([6., 6., 6., 6., 6.])
     """
-    return dispatch(Request("divergence", batched, method, chunk_size, _random_options(
+    return dispatch(Request("divergence", batched, method, chunk_size, (("sparsity", sparsity),) + _random_options(
         estimator, samples, generator, return_stderr, shared, directions)), f, x)
 
 

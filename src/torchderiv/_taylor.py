@@ -125,7 +125,12 @@ def _chunked(fname, f, x, items, combos, batched, chunk_size, stacked, direction
     y = None
     parts = []
     for s in range(0, len(items), chunk_size):
-        y, p, _ = taylor(fname, f, x, items[s : s + chunk_size], [], batched, None, stacked=False)
+        chunk, dirs = items[s : s + chunk_size], None
+        if directions is not None:  # multi-indices over directions: renumber this chunk's directions
+            used = sorted({d for a in chunk for d in a})
+            pos = {d: r for r, d in enumerate(used)}
+            chunk, dirs = [tuple(pos[d] for d in a) for a in chunk], tuple(directions[d] for d in used)
+        y, p, _ = taylor(fname, f, x, chunk, [], batched, None, stacked=False, directions=dirs)
         parts.extend(p)
     sums = []
     for combo in combos:

@@ -122,6 +122,85 @@ def mlp(*sizes: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+class PointwiseMap(nn.Module):
+    """The elementwise map of issue 16: ``tanh(z) z^2 + sin(z)``, a diagonal Jacobian."""
+
+    def forward(self, z):
+        return torch.tanh(z) * z**2 + torch.sin(z)
+
+
+class Conv1dMap(nn.Module):
+    """Two width-5 convolutions over the positions of a 1-D signal ``[B, L] -> [B, L]``: bandwidth 9."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.c1 = nn.Conv1d(1, channels, 5, padding=2)
+        self.c2 = nn.Conv1d(channels, 1, 5, padding=2)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x.unsqueeze(1)))).squeeze(1)
+
+
+class GridConv(nn.Module):
+    """Two 3 x 3 convolutions on a ``side x side`` grid, flattened ``[B, side^2] -> [B, side^2]``."""
+
+    def __init__(self, side: int = 32, channels: int = 8):
+        super().__init__()
+        self.side = side
+        self.c1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.c2 = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = x.unflatten(-1, (1, self.side, self.side))
+        return self.c2(torch.tanh(self.c1(h))).flatten(1)
+
+
+def _to_dense(r: tuple) -> tuple:
+    return tuple(t.to_dense() for t in r)
+
+
+def _sparse_scenarios() -> None:
+    """Issue 16: structured maps, dense against colored (sparse) torchderiv."""
+    no_peer = ("no PyTorch library detects and colors sparsity patterns: the peer row is torch.func's "
+               "vmap(jacfwd), which builds the whole per-sample Jacobian")
+    register(Scenario(
+        "pointwise-diag", "jacobian_diagonal of tanh(z) z^2 + sin(z), n=1000, B=1024",
+        _seeded(lambda: Setup(PointwiseMap(), torch.randn(1024, 1000))),
+        [Method("torchderiv.jacobian_diagonal (dense)", M.td_op("jacobian_diagonal", "forward", sparsity=False),
+                kind="torchderiv", slow=True, quick_sub_batch=16),
+         Method("torchderiv.jacobian_diagonal (sparse)", M.td_op("jacobian_diagonal", sparsity=True),
+                kind="torchderiv"),
+         Method("vmap(jacfwd) diagonal", M._diag_of(M.tf_jacobian("jacfwd"), False), slow=True,
+                quick_sub_batch=16)],
+        baseline="vmap(jacfwd) diagonal", reference="vmap(jacfwd) diagonal", reference_rows=8,
+        op="jacobian_diagonal",
+        targets=[Target("torchderiv.jacobian_diagonal (sparse)", max_fpe=3)],
+        notes=[no_peer, "pointwise-diag: the dense rows build [B, 1000, 1000] (4 GB at B=1024): timed once"]))
+    register(Scenario(
+        "conv1d-jacobian", "jacobian of two width-5 Conv1d layers (1->16->1, tanh) over 1000 positions, B=32",
+        _seeded(lambda: Setup(Conv1dMap(), torch.randn(32, 1000))),
+        [Method("torchderiv.jacobian (dense)", M.td_op("jacobian", "forward", sparsity=False),
+                kind="torchderiv", slow=True, quick_sub_batch=4),
+         Method("torchderiv.jacobian (sparse)", M.td_op("jacobian", sparsity=True), kind="torchderiv"),
+         Method("vmap(jacfwd)", M.tf_jacobian("jacfwd"), slow=True, quick_sub_batch=4)],
+        baseline="vmap(jacfwd)", reference="vmap(jacfwd)", reference_rows=4, op="jacobian",
+        targets=[Target("torchderiv.jacobian (sparse)", min_speedup=30, versus="torchderiv.jacobian (dense)")],
+        notes=[no_peer]))
+    register(Scenario(
+        "grid-conv-jacobian", "jacobian of two 3x3 Conv2d layers (1->8->1, tanh) on a 32 x 32 grid, B=8",
+        _seeded(lambda: Setup(GridConv(), torch.randn(8, 32 * 32))),
+        [Method("torchderiv.jacobian (dense)", M.td_op("jacobian", "forward", sparsity=False),
+                kind="torchderiv"),
+         Method("torchderiv.jacobian (sparse)", M.td_op("jacobian", sparsity=True), kind="torchderiv"),
+         Method("torchderiv.jacobian (sparse, layout=sparse_coo)",
+                M.td_op("jacobian", sparsity=True, layout=torch.sparse_coo), kind="torchderiv",
+                standardize=_to_dense),
+         Method("vmap(jacfwd)", M.tf_jacobian("jacfwd"))],
+        baseline="vmap(jacfwd)", reference="vmap(jacfwd)", reference_rows=2, op="jacobian",
+        notes=[no_peer, "grid-conv-jacobian: the sparse_coo row returns 8 x 1024 x 25 stored entries instead of "
+               "8 x 1024 x 1024; its agreement is checked on .to_dense() (untimed)"]))
+
+
 def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
     def make() -> Setup:
         torch.manual_seed(0)
@@ -263,6 +342,8 @@ def build_registry() -> None:
          Method("torchderiv.partials", M.td_op("partials", spec=kdv_spec, coords="tx"), kind="torchderiv")],
         baseline="autograd.grad nested loop", reference="autograd.grad nested loop", op="partials",
         rtol=2e-3))
+
+    _sparse_scenarios()
 
     if dde:
         for problem, what in (("burgers", "Burgers 1-D + t, 2->20x3->1, 2540 points"),
