@@ -15,7 +15,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ._build import build
-from ._capture import Captured, capture, check_batch_independence
+from ._capture import BatchMixingError, Captured, capture, check_batch_independence
+from ._errors import one_d_hint
 from ._plan import Plan
 
 
@@ -263,7 +264,14 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     if not isinstance(cap.out_val, torch.Tensor):
         check_output(fname, cap.out_val, x, batched)
     if batched and x.shape[0] > 1:  # a single row has nothing to mix with
-        check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+        try:
+            check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+        except BatchMixingError as e:
+            if x.dim() != 1:
+                raise
+            # a 1-D x whose entries f mixes: almost always one point passed without its batch dimension
+            raise BatchMixingError(f"{fname}: {one_d_hint(x)} (f mixes the entries of x, which batched=True "
+                                   f"reads as separate samples)") from e
     check_output(fname, cap.out_val, x, batched)
     slot[key] = (cap, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return cap

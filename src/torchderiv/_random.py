@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._cache import check_output, derivative_graph, fast_call, register_fast
 from ._capture import TraceError
-from ._fallback import per_sample
+from ._fallback import per_sample, written_out
 from ._jet import full
 from ._plan import Plan
 from ._requests import Request, check_dims, in_shape
@@ -306,7 +306,8 @@ def directional(fname: str, f, x: Tensor, V: Tensor, order: int, batched: bool,
                 f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
                 stacklevel=4,
             )
-            D = reference_directional(f, x, V, order, batched)
+            with written_out():  # layer_norm (forward-over-forward wrong), fused attention, cdist: written out
+                D = reference_directional(f, x, V, order, batched)
             if weights is None:
                 return D
             w = torch.tensor(weights, dtype=D.dtype, device=D.device)

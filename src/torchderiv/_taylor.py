@@ -79,7 +79,8 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
     try:
         captured(f, x, batched, fname)
     except TraceError as e:  # the whole request through torch.func, unchunked
-        y, parts, sums = traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
+        y, parts, sums = traced_fallback(fname, f, x, items, reference_combos or combos, batched, e,
+                                         None if reference_combos else directions, chunk_size)
         if not stacked:
             parts = list(parts) if parts is not None else None
             sums = list(sums) if sums is not None else None
