@@ -69,7 +69,7 @@ def batch_rule(*names: str, fold_aware: bool = False):
 
     def deco(fn):
         for name in names:
-            packet = getattr(aten, name, None) if hasattr(aten, name) else None
+            packet = getattr(aten, name, None)
             if packet is not None:
                 BATCH_RULES[packet] = _Entry(fn, fold_aware)
         return fn

@@ -23,7 +23,8 @@ from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from ._capture import Captured, capture, check_batch_independence
+from ._batchcheck import check_batch_independence
+from ._capture import Captured, capture
 from ._jet import Ctx, Jet
 from ._plan import Plan
 from ._rules import RULES, Unsupported, _select_scatter_op, _slice_scatter_op, copy_out_of_place
