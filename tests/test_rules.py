@@ -22,7 +22,7 @@ from torch import nn
 
 import torchderiv as td
 from conftest import assert_close, ref_partials
-from torchderiv import _engine
+from torchderiv import _build
 from torchderiv._capture import capture
 from torchderiv._rules import RULES
 
@@ -834,7 +834,7 @@ def test_op_without_rule_is_really_uncovered():
 
 
 def test_fallback_order_1_warns_and_is_correct():
-    _engine._warned.discard(str(NO_RULE_OP))  # the fallback warns once per op and process
+    _build._warned.discard(str(NO_RULE_OP))  # the fallback warns once per op and process
     f = lambda x: torch.special.i0(h(x)) * torch.sin(h2(x))  # noqa: E731
     x = rnd(B, 3)
     with pytest.warns(UserWarning, match=r"aten\.i0\.default"):
