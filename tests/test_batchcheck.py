@@ -120,7 +120,14 @@ def _quiet():
         yield
 
 
-@pytest.mark.parametrize(("name", "f", "x", "per_sample"), CORPUS, ids=[c[0] for c in CORPUS])
+def _param(case):
+    """The zoo and the row-mixing models always; the rest of the corpus (every rule case, the other zoos: a few
+    minutes of tracing) with the slow tests."""
+    fast = case[0].startswith(("zoo-", "mixer-"))
+    return pytest.param(*case, id=case[0], marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("name", "f", "x", "per_sample"), [_param(c) for c in CORPUS])
 def test_accepted_graphs_keep_rows_apart(name, f, x, per_sample):
     """Per-sample models are accepted and, being accepted, keep rows apart exactly; row-mixing ones refused."""
     if name in UNTRACEABLE:
