@@ -18,8 +18,10 @@ from ._api import (
 )
 from ._cache import cache_info, clear_cache
 from ._capture import BatchMixingError, TraceError
+from ._sparsity import sparsity
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "jacobian",
@@ -30,9 +32,19 @@ __all__ = [
     "divergence",
     "partials",
     "biharmonic",
+    "sparsity",
     "choose_method",
     "cache_info",
     "clear_cache",
     "BatchMixingError",
     "TraceError",
 ]
+
+
+def __getattr__(name: str):
+    # optional integrations load on first access, so that importing torchderiv never imports them
+    if name == "deepxde":
+        import importlib
+
+        return importlib.import_module(".deepxde", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
