@@ -322,6 +322,9 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
 # ----------------------------------------------------------------------------- fast path
 
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# while not None, every registered or hit call path is appended as (key, runner, entry): how the
+# torch.compile path (``_compile.py``) learns which generated graph serves a request
+RECORD: list | None = None
 
 
 def register_fast(f, key, runner, entry: Entry) -> None:
@@ -333,6 +336,8 @@ def register_fast(f, key, runner, entry: Entry) -> None:
     if len(d) > 4 * _PER_F:
         d.clear()
     d[(_owner(f)[1], key)] = (runner, entry, _mode(f))
+    if RECORD is not None:
+        RECORD.append((key, runner, entry))
 
 
 def fast_call(f, key, x):
@@ -350,4 +355,6 @@ def fast_call(f, key, x):
     if mode != _mode(f) or not entry.fresh(f):
         del d[(_owner(f)[1], key)]
         return None
+    if RECORD is not None:
+        RECORD.append((key, runner, entry))
     return runner(x)
