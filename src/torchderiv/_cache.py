@@ -14,8 +14,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ._batchcheck import check_batch_independence
 from ._build import build
-from ._capture import BatchMixingError, Captured, capture, check_batch_independence
+from ._capture import BatchMixingError, Captured, capture
 from ._errors import one_d_hint
 from ._plan import Plan
 
