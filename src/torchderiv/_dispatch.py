@@ -130,6 +130,41 @@ def dispatch(req: Request, f, x):
     if work.direct is not None:
         return work.direct()
     method = _method(req, work, f, x)
+    if method != "forward":
+        return _run(method, req, work, f, x, key)
+    try:
+        return _run("forward", req, work, f, x, key)
+    except NoForwardDerivative as e:
+        if req.method != "auto":
+            raise
+        forward_error = e
+    # an op the forward path cannot differentiate at this order (grid_sampler_3d, an op whose generic rule is
+    # order 1 only): "auto" takes the operator's reverse form, else nested autograd, where admissible
+    others = []
+    if work.reverse is not None:
+        others.append("reverse")
+    if "autograd" in METHODS[req.op] and _autograd_ok(req, work, f, x):
+        others.append("autograd")
+    failures = []
+    for m in others:
+        try:
+            return _run(m, req, work, f, x, key)
+        except RuntimeError as e:  # torch cannot either (grid_sampler_3d's backward under vmap)
+            failures.append(f"{m}: {str(e).splitlines()[0]}")
+    raise NoForwardDerivative(
+        f"{forward_error.args[0]} " + ("; ".join(f"Reverse mode failed too ({f})" for f in failures)
+                                       if failures else "No other method applies.")
+    ) from forward_error
+
+
+def _autograd_ok(req: Request, work: Work, f, x) -> bool:
+    try:
+        return autograd_admissible(captured(f, x, req.batched, req.op), work)
+    except TraceError:
+        return False
+
+
+def _run(method: str, req: Request, work: Work, f, x, key):
     if method == "reverse":
         return work.reverse()
     if method == "autograd":  # nested torch.autograd.grad (_autograd.py); biharmonic in coordinates
@@ -137,21 +172,9 @@ def dispatch(req: Request, f, x):
                         else (work.combos, work.directions))
         return autograd_taylor(req.op, f, x, work.items, combos, req.batched, stacked=work.stacked,
                                assemble=work.assemble, fast_key=key, directions=dirs)
-    try:
-        return taylor(req.op, f, x, work.items, work.combos, req.batched, req.chunk_size, stacked=work.stacked,
-                      assemble=work.assemble, fast_key=key, directions=work.directions,
-                      reference_combos=work.reference_combos)
-    except NoForwardDerivative as e:
-        if req.method != "auto" or work.reverse is None:
-            raise
-        # an op PyTorch cannot differentiate in forward mode (grid_sampler_3d): "auto" takes reverse mode
-        forward_error = e
-    try:
-        return work.reverse()
-    except RuntimeError as e:  # torch's reverse mode cannot either (grid_sampler_3d's backward under vmap)
-        raise NoForwardDerivative(
-            f"{forward_error.args[0]} Reverse mode failed too: {str(e).splitlines()[0]}"
-        ) from e
+    return taylor(req.op, f, x, work.items, work.combos, req.batched, req.chunk_size, stacked=work.stacked,
+                  assemble=work.assemble, fast_key=key, directions=work.directions,
+                  reference_combos=work.reference_combos)
 
 
 __all__ = ["Request", "choose_method", "dispatch", "in_shape", "validate"]
