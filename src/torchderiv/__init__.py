@@ -18,6 +18,7 @@ from ._api import (
 )
 from ._capture import BatchMixingError, TraceError
 from ._engine import cache_info, clear_cache
+from ._warnings import FallbackWarning, reset_fallback_warnings
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,6 @@ __all__ = [
     "clear_cache",
     "BatchMixingError",
     "TraceError",
+    "FallbackWarning",
+    "reset_fallback_warnings",
 ]

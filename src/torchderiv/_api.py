@@ -20,6 +20,7 @@ from ._core import (
     validate,
 )
 from ._engine import NoForwardDerivative, fast_call, output_shape, reverse_function
+from ._warnings import warn_fallback
 
 __all__ = [
     "choose_method",
@@ -175,10 +176,12 @@ def jacobian(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool = True, 
     try:
         return taylor(fname, f, x, [(i,) for i in range(n)], [], batched, chunk_size,
                       assemble=lambda y, parts, _: parts.movedim(0, -1).reshape((*y.shape, *ins)), fast_key=key)
-    except NoForwardDerivative:
+    except NoForwardDerivative as e:
         if method != "auto":
             raise
         # an op PyTorch cannot differentiate in forward mode (grid_sampler_3d): "auto" takes reverse mode
+        warn_fallback("auto: reverse", f"{fname}: an op of f has no forward-mode derivative ({e}); method='auto' "
+                      f"uses reverse mode instead. Pass method='reverse' to choose it explicitly.", f)
         return _jacobian_reverse(fname, f, x, batched, chunk_size)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
@@ -14,6 +13,7 @@ from ._capture import TraceError
 from ._engine import _check_traced_output, derivative_graph, output_shape, register_fast
 from ._jet import full
 from ._plan import MultiIndex, Plan
+from ._warnings import warn_fallback
 
 METHODS = ("auto", "forward", "reverse")
 Combo = list[tuple[MultiIndex, float]]
@@ -69,8 +69,11 @@ def traceable(fname: str, f, x: Tensor, batched: bool) -> bool:
     try:
         output_shape(f, x, batched, fname)
         return True
-    except TraceError:
+    except TraceError as err:
         _probe_output(fname, f, x, batched)
+        warn_fallback("untraceable", f"{fname}: f could not be traced to a static graph ({err}); running "
+                      f"torch.func on f itself (correct, slower). Avoid data-dependent Python control flow in f "
+                      f"to get the fast path.", f)
         return False
 
 
@@ -257,11 +260,9 @@ def reference_partials(f: Callable, x: Tensor, items: Sequence[MultiIndex], comb
 
 
 def _traced_fallback(fname, f, x, items, combos, batched, err):
-    warnings.warn(
-        f"{fname}: f could not be traced to a static graph ({err}); falling back to torch.func "
-        f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
-        stacklevel=4,
-    )
+    warn_fallback("untraceable", f"{fname}: f could not be traced to a static graph ({err}); falling back to "
+                  f"torch.func (correct, much slower). Avoid data-dependent Python control flow in f to get the "
+                  f"fast path.", f)
     y = _probe_output(fname, f, x, batched)
     del y
     return reference_partials(f, x, items, combos, batched)

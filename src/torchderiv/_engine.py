@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import operator
 import types
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,15 +26,7 @@ from ._capture import Captured, capture, check_batch_independence
 from ._jet import Ctx, Jet
 from ._plan import Plan
 from ._rules import RULES, Unsupported, _select_scatter_op, _slice_scatter_op, copy_out_of_place
-
-_warned: set = set()
-
-
-def _warn_once(key, msg):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, stacklevel=4)
-
+from ._warnings import about, warn_fallback
 
 # ----------------------------------------------------------------------------- fallback
 
@@ -52,7 +43,8 @@ def _fallback(ctx: Ctx, op, args, kwargs):
             f"torchderiv: no Taylor rule for `{name}` and its generic fallback supports order 1 only, "
             f"but this request needs order {ctx.K}. Replace the op in f (or open an issue with this message)."
         )
-    _warn_once(name, f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback (slower).")
+    warn_fallback(("no rule", name), f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback "
+                  f"(slower).")
     flat, spec = pytree.tree_flatten((args, kwargs))
     jet_pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
     primals = [a.p if isinstance(a, Jet) else a for a in flat]
@@ -553,7 +545,9 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     else:
         cap = captured(f, x, batched, fname)
         try:
-            e = Entry(gm=build(cap, plan, dirs, x, batched, outputs), constants=cap.constants, **_state(f, cap))
+            with about(f):  # a per-op fallback warning while building names this f
+                gm = build(cap, plan, dirs, x, batched, outputs)
+            e = Entry(gm=gm, constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive
             e = Entry(gm=None, constants=cap.constants, error=type(err)(*err.args), **_state(f, cap))
