@@ -374,6 +374,26 @@ def params(cases: Sequence[Case]) -> list:
 # ----------------------------------------------------------------------------- test helpers
 
 
+def disable_engine(setattr_: Callable) -> int:
+    """Make every capture of torchderiv raise ``TraceError``, so that each call leaves the generated graph for the
+    torch.func fallback: ``setattr_`` is ``monkeypatch.setattr`` or plain ``setattr``. Patches each torchderiv
+    module that holds the capture function (wherever a refactor puts it); returns how many it patched."""
+    import sys
+
+    from torchderiv import _capture
+
+    original = _capture.capture
+
+    def disabled(*args, **kwargs):
+        raise _capture.TraceError("the Taylor engine is disabled (tests: --engine-disabled)")
+
+    mods = [m for name, m in list(sys.modules.items())
+            if name.startswith("torchderiv") and getattr(m, "capture", None) is original]
+    for m in mods:
+        setattr_(m, "capture", disabled)
+    return len(mods)
+
+
 def mixed_spec(n: int) -> list[tuple[int, ...]]:
     """Orders 0..4 with repeated and mixed coordinates, adapted to the input size ``n``."""
     a, b, c = 0, 1 % n, 2 % n

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import jacrev
 
 import torchderiv
-from _harness import ATOL, DTYPE, RTOL, Case, close, partials, restricted, twin, value
+from _harness import ATOL, DTYPE, RTOL, Case, close, disable_engine, partials, restricted, twin, value
 
 torch.set_num_threads(1)  # the only thread setting of the suite: one per worker process
 
@@ -36,13 +36,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     if config.getoption("--engine-disabled"):
-        from torchderiv import _engine
-        from torchderiv._capture import TraceError
-
-        def _disabled(*args, **kwargs):
-            raise TraceError("engine disabled by --engine-disabled")
-
-        _engine.capture = _disabled
+        assert disable_engine(setattr) > 0, "--engine-disabled found no capture function to patch"
 
 
 @pytest.fixture(autouse=True)

@@ -43,8 +43,6 @@ def _fallback(ctx: Ctx, op, args, kwargs):
             f"torchderiv: no Taylor rule for `{name}` and its generic fallback supports order 1 only, "
             f"but this request needs order {ctx.K}. Replace the op in f (or open an issue with this message)."
         )
-    warn_fallback(("no rule", name), f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback "
-                  f"(slower).")
     flat, spec = pytree.tree_flatten((args, kwargs))
     jet_pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
     primals = [a.p if isinstance(a, Jet) else a for a in flat]
@@ -75,6 +73,10 @@ def _fallback(ctx: Ctx, op, args, kwargs):
                 f"({str(e).splitlines()[0]}). Use method='reverse' (jacobian, hessian), or replace the op in f."
             ) from e
         tangents_rows.append(dy)
+    # warned once it worked (an op without a forward-mode formula raises NoForwardDerivative above instead)
+    warn_fallback(("no rule", name), f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback "
+                  f"(slower).")
+
     def wrap(yi, rows_i):
         # integer outputs (indices of sort / topk / max) carry no derivative: plain tensors, not jets
         if not (isinstance(yi, torch.Tensor) and (yi.is_floating_point() or yi.is_complex())):

@@ -17,6 +17,8 @@ import warnings
 import weakref
 from collections.abc import Hashable, Iterator
 
+import torch
+
 __all__ = ["FallbackWarning", "reset_fallback_warnings", "warn_fallback", "about"]
 
 
@@ -35,6 +37,7 @@ _seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _seen_by_id: set = set()  # owners that take no weak reference (rare): keyed by id, until reset
 _current: contextvars.ContextVar = contextvars.ContextVar("torchderiv_function", default=None)
 _PKG = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 
 
 def reset_fallback_warnings() -> None:
@@ -85,12 +88,19 @@ def _first_seen(f, reason: Hashable) -> bool:
 
 
 def _stacklevel() -> int:
-    """The stack level of the first frame outside torchderiv: the user's call."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)).startswith(_PKG):
+    """The stack level of the user's call: the first frame outside torchderiv and torch (the build runs inside
+    make_fx) and outside code that torch.fx generates (``<string>``), else the first outside torchderiv and torch
+    (a call typed at the interactive prompt, ``<stdin>``)."""
+    level, frame, first = 1, sys._getframe(1), None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not os.path.abspath(name).startswith((_PKG, _TORCH)):
+            if not name.startswith("<"):
+                return level
+            first = first or level
         frame = frame.f_back
         level += 1
-    return level
+    return first or 1
 
 
 def warn_fallback(reason: Hashable, message: str, f=None) -> None:
