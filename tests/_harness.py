@@ -364,11 +364,13 @@ def sym_weights(m: int, seed: int = 11) -> Tensor:
     return A @ A.T + 0.5 * (A + A.T)
 
 
-def params(cases: Sequence[Case]) -> list:
-    """``pytest.param`` per case, with its marks, id'd by name (for ``parametrize("case", ...)``)."""
+def params(cases: Sequence[Case], slow: Callable[[Case], bool] | None = None) -> list:
+    """``pytest.param`` per case, with its marks, id'd by name (for ``parametrize("case", ...)``); the cases for
+    which ``slow(case)`` holds are marked ``slow`` (left out by ``make test-fast``, run by ``make test``)."""
     import pytest
 
-    return [pytest.param(c, id=c.name, marks=list(c.marks)) for c in cases]
+    return [pytest.param(c, id=c.name, marks=[*c.marks, *([pytest.mark.slow] if slow and slow(c) else [])])
+            for c in cases]
 
 
 # ----------------------------------------------------------------------------- test helpers

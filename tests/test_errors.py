@@ -433,7 +433,8 @@ def chunk_net():
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 2)).to(DT)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4, 100])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow),
+                                   4, 100])
 def test_chunk_size_gives_same_results(chunk_net, chunk):
     x = _x(4, 3, seed=1)
     net = chunk_net

@@ -10,6 +10,8 @@ from _harness import Case, close, mixed_spec, params, restricted, sym_weights
 from conftest import ZOO, ref_partials_autograd
 
 zoo = pytest.mark.parametrize("case", params(ZOO))
+# orders 3-4 on the wide-input (heavy) architectures: the slow tier
+zoo_high = pytest.mark.parametrize("case", params(ZOO, slow=lambda c: c.heavy))
 light_zoo = pytest.mark.parametrize("case", params([c for c in ZOO if not c.heavy]))
 
 
@@ -114,7 +116,7 @@ def test_laplacian_dims_and_weights(case, method):
           f"{case.name} laplacian weights")
 
 
-@zoo
+@zoo_high
 def test_partials_mixed_orders(case):
     model, _, x = case.build()
     spec = mixed_spec(case.n)
@@ -125,7 +127,7 @@ def test_partials_mixed_orders(case):
         close(got[key], expected[key], f"{case.name} partial {key}")
 
 
-@zoo
+@zoo_high
 def test_partials_each_order_alone(case):
     """A request of a single high-order entry plans only its closure (different graph than the mixed one)."""
     model, _, x = case.build()
@@ -135,7 +137,7 @@ def test_partials_each_order_alone(case):
         close(got[key], case.partial(key), f"{case.name} partial {key}")
 
 
-@zoo
+@zoo_high
 def test_biharmonic(case):
     model, _, x = case.build()
     dims = _dims(case)
@@ -146,6 +148,7 @@ def test_biharmonic(case):
         close(td.biharmonic(model, x), case.biharmonic(), f"{case.name} biharmonic")
 
 
+@pytest.mark.slow  # checks the references, not torchderiv
 @light_zoo
 def test_reference_methods_agree(case):
     """The two reference implementations (nested jacrev under vmap, nested autograd.grad) agree at orders 3-4."""

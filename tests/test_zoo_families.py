@@ -288,15 +288,17 @@ def film_siren():
     return FiLMSiren()
 
 
+SLOW = pytest.mark.slow  # the grid encodings and the RK4 ODE: the costliest references of the suite
 FAMS = [
     Case("deeponet", DeepONet, (2,), scale=0.7, loop=True),
     Case("kan_bspline_cox_de_boor", KAN, (2,), scale=0.4, batch=2, loop=True),
     Case("moe_top2_gather", MoETopK, (3,), scale=0.7, loop=True),
     Case("realnvp_coupling", RealNVP, (4,), pair=(0, 3), scale=0.7, loop=True),
-    Case("neural_ode_rk4", NeuralODE, (2,), scale=0.7, loop=True),
+    Case("neural_ode_rk4", NeuralODE, (2,), scale=0.7, loop=True, marks=(SLOW,)),
     Case("film_siren", film_siren, (2,), scale=0.7, loop=True),
-    Case("dense_grid_embedding", lambda: GridEncoding(False, res=(3,)), (3,), batch=2, scale=0.7, loop=True),
-    Case("hash_grid_xor", lambda: GridEncoding(True, res=(4,)), (3,), batch=2, scale=0.7, loop=True),
+    Case("dense_grid_embedding", lambda: GridEncoding(False, res=(3,)), (3,), batch=2, scale=0.7, loop=True,
+         marks=(SLOW,)),
+    Case("hash_grid_xor", lambda: GridEncoding(True, res=(4,)), (3,), batch=2, scale=0.7, loop=True, marks=(SLOW,)),
     Case("mamba_scan_cumsum", MambaScan, (3, 2), pair=(0, 5), scale=0.7, loop=True),
     Case("pointnet_max_dim", PointNet, (3, 3), pair=(0, 4), scale=0.7, loop=True),
     Case("gnn_index_add_", lambda: GraphNet("index_add_"), (4, 2), pair=(0, 3), scale=0.7, loop=True),
@@ -336,6 +338,7 @@ def test_second_order(fam):
               f"{fam.name} weighted laplacian {method}")
 
 
+@pytest.mark.slow  # orders 3-4 by a loop of nested jacrev per sample
 @fams
 def test_partials_orders_3_4_and_biharmonic(fam):
     model, _, x = fam.build()
@@ -426,7 +429,7 @@ def test_closure_over_dict_rebinding_is_not_stale():
 def test_torch_compile_module_is_traced_not_fallen_back():
     torch.manual_seed(2)
     base = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
-    comp = torch.compile(base)
+    comp = torch.compile(base, backend="aot_eager")  # traced by torchderiv, never compiled: no inductor needed
     x = torch.randn(3, 3, dtype=DT)
     lap = td.laplacian(comp, x)  # a FallbackWarning (the torch.func fallback) is an error in this suite
     close(lap, loop_ref(base, x, 2).diagonal(dim1=-2, dim2=-1).sum(-1), "compiled module laplacian")

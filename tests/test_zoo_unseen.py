@@ -498,6 +498,7 @@ def test_laplacian_weighted(case, method):
     close(lap, case.laplacian(dims, C), f"{case.name} weighted laplacian dims={dims} {method}")
 
 
+@pytest.mark.slow  # orders 3-4 of 24 architectures (fast tier: test_zoo.py and test_rules.py)
 @smooth_cases
 def test_partials_mixed_spec(case):
     """Orders 0..4 in one request: (0, 0, 1) and (0, 0, 1, 1), and unsorted multi-indices over the case's pair."""
@@ -512,6 +513,7 @@ def test_partials_mixed_spec(case):
         close(got[key], case.partial(key), f"{case.name} partial {key}")
 
 
+@pytest.mark.slow
 @smooth_cases
 def test_biharmonic(case):
     model, _, x = case.build()
@@ -520,6 +522,7 @@ def test_biharmonic(case):
     close(bh, case.biharmonic(case.dims), f"{case.name} biharmonic {case.dims}")
 
 
+@pytest.mark.slow  # checks the references, not torchderiv
 @pytest.mark.parametrize("name", ["layernorm_no_affine", "causal_attention_einsum_bmm", "conv1d_circular_reflect",
                                   "normalize", "elu_selu_mish_hardswish", "torch_multihead_attention",
                                   "lstm_cell_unrolled"])
