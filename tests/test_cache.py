@@ -21,7 +21,7 @@ from conftest import (
     ref_laplacian,
     ref_partials,
 )
-from torchderiv._engine import _PER_F
+from torchderiv._cache import _PER_F
 
 DT = torch.float64
 

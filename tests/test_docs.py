@@ -4,15 +4,16 @@ import doctest
 from pathlib import Path
 
 import torchderiv
-from torchderiv import _api, _coverage
+from torchderiv import _api, _coverage, _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(_api, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 8
-    assert result.failed == 0
+    for mod, at_least in ((_api, 8), (_dispatch, 1)):
+        result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted >= at_least, mod.__name__
+        assert result.failed == 0, mod.__name__
 
 
 def test_coverage_table_is_generated_from_the_registry():

@@ -16,8 +16,8 @@ from ._api import (
     laplacian,
     partials,
 )
+from ._cache import cache_info, clear_cache
 from ._capture import BatchMixingError, TraceError
-from ._engine import cache_info, clear_cache
 from ._warnings import FallbackWarning, reset_fallback_warnings
 
 __version__ = "0.1.0"

@@ -319,16 +319,6 @@ def digamma_derivs(x, y, K):
     return [torch.special.polygamma(k, x) for k in range(1, K + 1)]
 
 
-def chain(first: Callable[[Tensor], Tensor], first_derivs: Callable[[Tensor, int], list]) -> Derivs:
-    """Derivatives of g from g' = h(x) when h is a composition whose jet is known: ``first_derivs(x, K-1)``
-    returns ``[h, h', ..., h^(K-1)]``."""
-
-    def derivs(x, y, K):
-        return first_derivs(x, K - 1)
-
-    return derivs
-
-
 def _pow_of_poly(x: Tensor, poly: list[float], p: float, K: int) -> list:
     """[h, h', ..., h^(K)] for h = P(x)^p with a polynomial P (univariate Faa di Bruno via Bell polynomials)."""
     u = [_poly_eval(poly, x)]

@@ -266,18 +266,5 @@ def scale(ctx: Ctx, x: Jet, s, y: Tensor) -> Jet:
     return Jet(y, [None if X is None else X * s for X in x.c])
 
 
-def zeros_like_jet(ctx: Ctx, x) -> Jet:
-    p = x.p if isinstance(x, Jet) else x
-    return Jet(p, [None] * ctx.K)
-
-
 def as_jet(ctx: Ctx, x) -> Jet:
     return x if isinstance(x, Jet) else Jet(x, [None] * ctx.K)
-
-
-def materialize(ctx: Ctx, x: Jet) -> list[Tensor]:
-    """Full-shape coefficient tensors (zeros where the coefficient is absent)."""
-    return [
-        full(X, x.p.shape) if X is not None else ctx.zeros(k + 1, x.p)
-        for k, X in enumerate(x.c)
-    ]

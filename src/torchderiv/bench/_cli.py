@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import _scenarios
+from . import _calibrate, _scenarios
 from ._runner import ScenarioResult, run_scenario
 from ._timing import TimingPolicy
 
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchderiv {torchderiv.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_bench_parser(sub)
+    _calibrate.add_parser(sub)
     return parser
 
 
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, argparse errors (code 2)
         return int(e.code or 0)
+    if args.command == "calibrate":
+        return _calibrate.run(args)
     if args.command != "bench":
         parser.print_help()
         return 2

@@ -1,0 +1,144 @@
+"""The one dispatch path of every public operator: fast path -> validation -> method choice -> run.
+
+    _api (operator: docstring, builds a Request)
+      -> _dispatch.dispatch
+           -> _cache.fast_call                   (a registered call path: replayed, done)
+           -> validate, _requests.prepare        (what to propagate, how to assemble the result)
+           -> _method                            (auto: the calibrated cost model, _costmodel)
+           -> _taylor.taylor | Work.reverse      (-> _cache -> _capture / _build)
+
+The fallback policy is the same for every operator: with ``method="auto"``, an op that PyTorch cannot
+differentiate in forward mode sends the call to the operator's reverse-mode form where it has one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._build import NoForwardDerivative
+from ._cache import captured, fast_call
+from ._capture import TraceError
+from ._costmodel import autograd_units, choose, forward_units, graph_cost, reverse_units
+from ._requests import METHODS, Request, Work, in_shape, prepare
+from ._taylor import streams, taylor
+from ._warnings import warn_fallback
+
+
+def validate(req: Request, f, x) -> None:
+    fname = req.op
+    if not callable(f):
+        raise TypeError(f"{fname}: f must be callable (an nn.Module or a function of one tensor), got {type(f)}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fname}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{fname}: x must be a floating-point tensor to be differentiated, got dtype {x.dtype}; "
+            f"convert it first, e.g. x.float() or x.double()"
+        )
+    if req.batched and x.dim() < 1:
+        raise ValueError(
+            f"{fname}: batched=True expects x of shape [B, *in] with a leading batch dimension, got a 0-d "
+            f"tensor; pass batched=False for a single point"
+        )
+    methods = METHODS[fname]
+    if req.method not in methods:
+        raise ValueError(f"{fname}: method must be one of {methods}, got {req.method!r}")
+    cs = req.chunk_size
+    if cs is not None and (not isinstance(cs, int) or isinstance(cs, bool) or cs < 1):
+        raise ValueError(f"{fname}: chunk_size must be None or a positive int, got {cs!r}")
+
+
+def choose_method(op: str, f, x: Tensor, *, batched: bool = True, **options) -> str:
+    """The method that ``method="auto"`` picks for the call ``op(f, x, batched=batched, **options)``.
+
+    A pure function of the request, ``f``'s traced graph, ``x``'s shape / dtype / device, the grad mode
+    (whether a backward to the parameters of ``f`` can follow) and whether torch.compile is tracing: the
+    calibrated cost model of :mod:`torchderiv._costmodel` (constants fitted by ``torchderiv calibrate``)
+    predicts each admissible method's time and the least wins. ``f`` is traced (cached), not run.
+
+    Example:
+        >>> import torch, torchderiv
+        >>> net = torch.nn.Sequential(torch.nn.Linear(100, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        >>> with torch.no_grad():
+        ...     torchderiv.choose_method("jacobian", net, torch.rand(64, 100))
+        'reverse'
+    """
+    op = getattr(op, "__name__", op)
+    if op not in METHODS:
+        raise ValueError(f"choose_method: op must name a torchderiv operator ({', '.join(METHODS)}), got {op!r}")
+    req = Request(op, batched, "auto", None, tuple(options.items()))
+    validate(req, f, x)
+    return _method(req, prepare(req, f, x), f, x)
+
+
+def _method(req: Request, work: Work, f, x: Tensor) -> str:
+    if req.method != "auto":
+        return req.method
+    try:
+        cap = captured(f, x, req.batched, req.op)
+    except TraceError:
+        return "forward"  # untraceable f: the torch.func fallback is used whatever the method
+    batch = x.shape[0] if req.batched else 1
+    grad = torch.is_grad_enabled() and any(isinstance(c, Tensor) and c.requires_grad for c in cap.constants)
+    units = candidates(req, work, cap)
+    if torch.compiler.is_compiling():
+        units.pop("autograd", None)  # a graph break at every torch.autograd.grad
+    return choose(units, graph_cost(cap.gm, batch), batch, grad)
+
+
+def candidates(req: Request, work: Work, cap) -> dict[str, float]:
+    """The admissible methods of a request and their units of work (see :mod:`torchderiv._costmodel`)."""
+    m = math.prod(cap.out_val.shape[1:] if req.batched else cap.out_val.shape)
+    allowed = METHODS[req.op]
+    units = {"forward": forward_units(streams(work.items, work.combos, work.directions))}
+    if "reverse" in allowed and work.reverse is not None and work.kind in ("jacobian", "hessian"):
+        units["reverse"] = reverse_units(work.kind, m, work.n_in)
+    if "autograd" in allowed and autograd_admissible(cap, work):
+        indices = list(work.items) + [a for c in (work.reference_combos or work.combos) for a, _ in c]
+        units["autograd"] = autograd_units(indices, m)
+    return units
+
+
+def autograd_admissible(cap, work: Work) -> bool:
+    """Whether nested torch.autograd can serve ``work`` exactly (set by the autograd method's module)."""
+    return False
+
+
+def dispatch(req: Request, f, x):
+    """Compute the request ``req`` for ``f`` at ``x`` (see the module docstring for the path)."""
+    key = req.key(x)
+    if key is not None:
+        r = fast_call(f, key, x)
+        if r is not None:
+            return r
+    validate(req, f, x)
+    work = prepare(req, f, x)
+    if work.direct is not None:
+        return work.direct()
+    method = _method(req, work, f, x)
+    if method == "reverse":
+        return work.reverse()
+    try:
+        return taylor(req.op, f, x, work.items, work.combos, req.batched, req.chunk_size, stacked=work.stacked,
+                      assemble=work.assemble, fast_key=key, directions=work.directions,
+                      reference_combos=work.reference_combos)
+    except NoForwardDerivative as e:
+        if req.method != "auto" or work.reverse is None:
+            raise
+        # an op PyTorch cannot differentiate in forward mode (grid_sampler_3d): "auto" takes reverse mode
+        forward_error = e
+    try:
+        r = work.reverse()
+    except RuntimeError as e:  # torch's reverse mode cannot either (grid_sampler_3d's backward under vmap)
+        raise NoForwardDerivative(
+            f"{forward_error.args[0]} Reverse mode failed too: {str(e).splitlines()[0]}"
+        ) from e
+    warn_fallback("auto: reverse", f"{req.op}: {forward_error.args[0]} method='auto' used reverse mode instead; "
+                  f"pass method='reverse' to choose it explicitly.", f)
+    return r
+
+
+__all__ = ["Request", "choose_method", "dispatch", "in_shape", "validate"]

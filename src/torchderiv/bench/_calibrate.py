@@ -1,0 +1,195 @@
+"""``torchderiv calibrate``: time every method over a designed sample of networks and requests, fit the
+constants of the cost model (:mod:`torchderiv._costmodel`) and write them as ``calibration.json``.
+
+The design: tanh MLPs with widths 16-1024, depths 2-8, input dims 1-100, output dims 1-400, batches
+1-10^5, requests of orders 1-4 (a Jacobian; a Laplacian; first and pure second partials, as a PDE residual
+reads them; pure partials up to order 3 or 4 along two coordinates), each with and without a backward to
+the parameters afterwards. Points are drawn by a fixed-seed Latin-hypercube-like scheme over those
+factors; a point whose result or forward pass would be too large is skipped, and each timing is capped.
+Rerun it on a new machine (a GPU) to re-fit: ``torchderiv calibrate --out path`` then ship the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import torchderiv
+
+from .. import _costmodel
+from .._cache import captured
+from .._dispatch import candidates, validate
+from .._requests import Request, prepare
+
+WIDTHS = [16, 32, 64, 128, 256, 512, 1024]
+DEPTHS = [2, 3, 4, 6, 8]
+DIN = [1, 2, 3, 5, 10, 30, 100]
+DOUT = [1, 2, 3, 10, 50, 150, 400]
+BATCH = [1, 10, 100, 1000, 10_000, 100_000]
+REQUESTS = ["jacobian", "laplacian", "pde2", "pure3", "pure4"]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("calibrate", help="fit the cost model of method='auto' on this machine",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", type=int, default=300, help="design points (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cap", type=float, default=2.0, help="seconds: a method slower than this is timed once")
+    p.add_argument("--budget", type=float, default=2e10,
+                   help="skip points whose plain forward exceeds this many multiply-adds (default 2e10)")
+    p.add_argument("--out", default=str(_costmodel.TABLE_PATH), help="where to write the table")
+    p.add_argument("--rows", metavar="PATH", help="also write the raw timings (JSON lines) here")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return p
+
+
+def design(points: int, seed: int) -> list[dict]:
+    """Stratified draws: each factor cycles through its levels in a shuffled order (Latin-hypercube-like)."""
+    rng = random.Random(seed)
+    cols = {}
+    for name, levels in (("width", WIDTHS), ("depth", DEPTHS), ("din", DIN), ("dout", DOUT), ("batch", BATCH),
+                         ("request", REQUESTS), ("grad", [False, True])):
+        col = [levels[i % len(levels)] for i in range(points)]
+        rng.shuffle(col)
+        cols[name] = col
+    return [{k: cols[k][i] for k in cols} for i in range(points)]
+
+
+def _request(kind: str, din: int):
+    """(operator, options) of a design request."""
+    if kind == "jacobian":
+        return "jacobian", {}
+    if kind == "laplacian":
+        return "laplacian", {}
+    d = min(din, 2)
+    if kind == "pde2":
+        spec = [()] + [(i,) for i in range(din)] + [(i, i) for i in range(min(din, 3))]
+        return "partials", {"spec": spec}
+    k = 3 if kind == "pure3" else 4
+    spec = [tuple([i] * j) for i in range(d) for j in range(1, k + 1)]
+    return "partials", {"spec": spec}
+
+
+def _net(width, depth, din, dout, device):
+    layers, w = [], din
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(w, width), torch.nn.Tanh()]
+        w = width
+    layers.append(torch.nn.Linear(w, dout))
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def _time(fn, cap: float) -> float:
+    fn()  # builds and caches the generated graph: not timed
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > cap:
+        return first
+    reps = max(2, min(7, int(cap / max(first, 1e-6))))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure(point: dict, cap: float, budget: float, device: str) -> list[dict]:
+    torch.manual_seed(0)
+    width, depth, din, dout, batch = (point[k] for k in ("width", "depth", "din", "dout", "batch"))
+    op, options = _request(point["request"], din)
+    fwd_macs = batch * (din * width + (depth - 2) * width * width + width * dout)
+    net = _net(width, depth, din, dout, device)
+    x = torch.rand(batch, din, device=device)
+    req = Request(op, True, "auto", None, tuple(options.items()))
+    validate(req, net, x)
+    work = prepare(req, net, x)
+    cap_ = captured(net, x, True, op)
+    units = candidates(req, work, cap_)
+    result_values = batch * dout * (len(work.items) + len(work.combos)) * (din if op == "jacobian" else 1)
+    if result_values * 4 > 2**30:
+        return []
+    cost = _costmodel.graph_cost(cap_.gm, batch)
+    grad = point["grad"]
+    fn_op = getattr(torchderiv, op)
+    rows = []
+    for m, u in units.items():
+        if fwd_macs * u > budget:
+            continue
+
+        def call(m=m):
+            if grad:
+                r = fn_op(net, x, method=m, **options)
+                loss = sum(v.square().mean() for v in (r.values() if isinstance(r, dict) else [r]))
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    fn_op(net, x, method=m, **options)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        seconds = _time(call, cap)
+        rows.append({"method": m, "grad": grad, "units": u, "ops": cost.ops, "flops": cost.flops,
+                     "elems": cost.elems, "batch": batch, "seconds": seconds, "point": point, "op": op})
+    return rows
+
+
+def evaluate(rows: list[dict], constants: dict) -> dict:
+    """How often the fitted model picks the fastest measured method, and its worst loss (time / fastest)."""
+    by_point: dict = {}
+    for r in rows:
+        by_point.setdefault(json.dumps(r["point"], sort_keys=True), []).append(r)
+    hits, n, worst, losses = 0, 0, 1.0, []
+    for group in by_point.values():
+        if len(group) < 2:
+            continue
+        cost = _costmodel.GraphCost(group[0]["ops"], group[0]["flops"], group[0]["elems"])
+        pick = min(group, key=lambda r: _costmodel.predict(r["method"], r["units"], cost, r["batch"], r["grad"],
+                                                          constants))
+        best = min(r["seconds"] for r in group)
+        n += 1
+        hits += pick["seconds"] == best
+        losses.append(pick["seconds"] / best)
+        worst = max(worst, pick["seconds"] / best)
+    gm = math.exp(statistics.fmean(math.log(v) for v in losses)) if losses else 1.0
+    return {"points_compared": n, "picked_fastest": hits, "worst_loss": worst, "geomean_loss": gm}
+
+
+def run(args) -> int:
+    points = design(args.points, args.seed)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for i, p in enumerate(points):
+        try:
+            got = measure(p, args.cap, args.budget, args.device)
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # report and go on
+            print(f"[{i + 1}/{len(points)}] {p}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+            continue
+        rows.extend(got)
+        desc = ", ".join(f"{r['method']} {r['seconds'] * 1e3:.2f} ms" for r in got) or "skipped (too large)"
+        print(f"[{i + 1}/{len(points)}] {p}: {desc}", flush=True)
+    constants = _costmodel.fit(rows)
+    quality = evaluate(rows, constants)
+    out = {"machine": _machine(args.device), "points": len(points), "timings": len(rows),
+           "seconds": round(time.perf_counter() - t0, 1), "quality": quality, "constants": constants}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if args.rows:
+        Path(args.rows).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    print(json.dumps({"quality": quality, "constants": constants}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _machine(device: str) -> str:
+    import platform
+
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads"
