@@ -848,7 +848,7 @@ def test_fallback_order_1_warns_and_is_correct():
 
 @pytest.mark.parametrize("call,order", [
     (lambda f, x: td.hessian(f, x, method="forward"), 2),
-    (lambda f, x: td.laplacian(f, x), 2),
+    (lambda f, x: td.laplacian(f, x, method="forward"), 2),
     (lambda f, x: td.partials(f, x, [(0, 1, 2)]), 3),
     (lambda f, x: td.biharmonic(f, x), 4),
 ])
@@ -857,6 +857,17 @@ def test_fallback_higher_order_raises(call, order):
     # no FallbackWarning: the generic rule refuses orders above 1 before it would run
     with pytest.raises(NotImplementedError, match=rf"aten\.i0\.default.*order {order}"):
         call(f, rnd(B, 3, seed=2))
+
+
+def test_fallback_higher_order_auto_takes_reverse_and_says_so():
+    """laplacian(method="auto") of the same f: forward cannot (order 2 through an op without a rule), so auto takes
+    reverse mode, with a FallbackWarning, and the value is right."""
+    f = lambda x: torch.special.i0(h(x))  # noqa: E731
+    x = rnd(B, 3, seed=2)
+    with pytest.warns(td.FallbackWarning, match="reverse"):
+        lap = td.laplacian(f, x)
+    expected = ref_partials(f, x, [(0, 0), (1, 1), (2, 2)])
+    assert_close(lap, sum(expected.values()))
 
 
 
