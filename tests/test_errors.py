@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -568,3 +574,139 @@ def test_folded_batch_rows_stay_independent():
     J = td.jacobian(f, x)
     for b in range(3):
         assert_close(J[b], torch.autograd.functional.jacobian(lambda xi: torch.tanh(xi @ W), x[b]))
+
+
+# ============================================================================ bad input, cleanly (issue 15, item 6)
+
+
+# operators built on another public one still report that one's name (until the single dispatch path of issue 15
+# passes the caller's name down)
+_BUILT_ON = {"jacobian_diagonal": "jacobian", "divergence": "jacobian", "hessian_diagonal": "hessian",
+             "laplacian": "hessian"}
+
+
+def _names(fname):
+    return (fname, _BUILT_ON.get(fname, fname))
+
+
+def _linear3():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+
+
+@func_methods
+def test_shape_mismatch_in_f_is_reported_without_stderr_spew(fname, method, capfd, caplog):
+    """x with 4 columns into a Linear(3, ...): torch's own message, prefixed with the operator and x's shape,
+    the same exception type, chained; nothing logged by torch's tracing loggers, no fallback warning."""
+    net = _linear3()
+    x = _x(5, 4)
+    capfd.readouterr()
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning would be an error here
+        with pytest.raises(RuntimeError) as info:
+            call(fname, net, x, method)
+    msg = str(info.value)
+    assert any(msg.startswith(f"{name}: f raised an error on x of shape (5, 4): ") for name in _names(fname)), msg
+    assert "mat1 and mat2 shapes cannot be multiplied" in msg
+    assert type(info.value.__cause__) is RuntimeError and str(info.value.__cause__) in msg
+    err = capfd.readouterr().err
+    assert err == "", err[:2000]
+    logged = [r for r in caplog.records if r.name.startswith("torch")]
+    assert not logged, logged[0].getMessage()[:2000]
+    assert not logging.getLogger("torch._subclasses.fake_tensor").disabled  # restored after the capture
+
+
+def test_shape_mismatch_prints_nothing_but_the_error_in_a_fresh_process():
+    """What a user sees: run as a script, stderr holds the traceback of f's error and ours, nothing else."""
+    script = ("import torch, torchderiv as td\n"
+              "net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))\n"
+              "td.laplacian(net, torch.randn(5, 4))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[-1].startswith("RuntimeError: laplacian: f raised an error on x of shape (5, 4): mat1 and mat2")
+    assert not any("fake_tensor" in ln or "could not be traced" in ln for ln in lines), r.stderr[:3000]
+    assert len(lines) < 80, r.stderr[:3000]
+
+
+class _CustomError(Exception):
+    def __init__(self, code, detail):
+        super().__init__(f"code {code}: {detail}")
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad value"), IndexError("index 7 out of range"),
+                                 KeyError("missing"), _CustomError(3, "custom")],
+                         ids=["ValueError", "IndexError", "KeyError", "custom"])
+def test_error_of_f_keeps_its_type_where_possible(exc):
+    def f(x):
+        raise exc
+
+    x = _x(2, 3)
+    expected = RuntimeError if isinstance(exc, (KeyError, _CustomError)) else type(exc)
+    with pytest.raises(expected, match=r"^laplacian: f raised an error on x of shape \(2, 3\): ") as info:
+        td.laplacian(f, x)
+    assert info.value.__cause__ is exc
+
+
+def test_error_of_f_in_an_untraceable_branch_is_prefixed():
+    """f that cannot be traced, then fails eagerly: f's error, not a fallback warning."""
+    def f(x):
+        if x.sum() > -1e9:  # data-dependent: no trace
+            return x @ torch.ones(4, 1, dtype=x.dtype)  # and a shape error in f itself
+        return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match=r"^hessian: f raised an error on x of shape \(3, 2\): .*"
+                                               r"cannot be multiplied"):
+            td.hessian(f, _x(3, 2))
+
+
+@func_methods
+def test_one_dimensional_x_that_f_mixes_names_the_fix(fname, method):
+    """A 1-D x with batched=True whose entries f mixes: one point passed without its batch dimension."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)  # square: every operator applies
+    x = _x(3)
+    kw = {}
+    if fname == "partials":  # one coordinate per sample: the spec must name coordinate 0 only
+        run = lambda f, x, **k: td.partials(f, x, [(0,), (0, 0)], **k)  # noqa: E731
+    else:
+        run = FUNCS[fname]
+    if method is not None:
+        kw["method"] = method
+    with pytest.raises(BatchMixingError) as info:
+        run(net, x, **kw)
+    msg = str(info.value)
+    assert any(msg.startswith(f"{name}: x is 1-D of shape (3,); batched=True expects [B, *in]")
+               for name in _names(fname)), msg
+    assert "x[None] / x.unsqueeze(0)" in msg and "batched=False" in msg
+    assert "mixes rows at" not in msg
+    if fname != "partials":  # the fixes it names work
+        expected = run(net, x[None], **kw)
+        assert_close(run(net, x, batched=False, **kw), expected[0])
+
+
+def test_one_dimensional_x_of_scalar_samples_still_works():
+    """A 1-D x whose entries f treats one by one is a batch of scalar samples: legitimate."""
+    x = torch.linspace(-1.0, 1.0, 5, dtype=DT)
+    assert_close(td.laplacian(torch.sin, x), -torch.sin(x))
+    assert_close(td.jacobian(lambda t: t * torch.exp(t), x), (1 + x) * torch.exp(x))
+
+
+def test_one_dimensional_x_into_an_untraceable_f_that_mixes_names_the_fix():
+    """The torch.func fallback runs each scalar sample alone; f then fails on it: the message says why."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).to(DT)  # square: f(x) on the 1-D x passes the output check
+
+    def f(x):
+        if x.sum() > -1e9:  # data-dependent: no trace
+            return lin(x)
+        return x
+
+    with pytest.warns(UserWarning, match="could not be traced"):
+        with pytest.raises(RuntimeError, match=r"^laplacian: the torch.func fallback .* on x of shape \(3,\): .*"
+                                               r"x is 1-D of shape \(3,\); .*x\[None\] / x\.unsqueeze\(0\)"):
+            td.laplacian(f, _x(3))

@@ -18,9 +18,11 @@ from ._api import (
 )
 from ._cache import cache_info, clear_cache
 from ._capture import BatchMixingError, TraceError
+from ._sparsity import sparsity
 from ._warnings import FallbackWarning, reset_fallback_warnings
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "jacobian",
@@ -31,6 +33,7 @@ __all__ = [
     "divergence",
     "partials",
     "biharmonic",
+    "sparsity",
     "choose_method",
     "cache_info",
     "clear_cache",
@@ -39,3 +42,12 @@ __all__ = [
     "FallbackWarning",
     "reset_fallback_warnings",
 ]
+
+
+def __getattr__(name: str):
+    # optional integrations load on first access, so that importing torchderiv never imports them
+    if name == "deepxde":
+        import importlib
+
+        return importlib.import_module(".deepxde", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -156,13 +156,21 @@ def seeds(plan_dirs: list, x: torch.Tensor, batched: bool) -> torch.Tensor:
 
 
 def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool,
-          outputs: tuple[int, ...] | None = None) -> fx.GraphModule:
+          outputs: tuple[int, ...] | None = None, seed_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
     """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``.
 
     ``outputs`` names the orders the caller reads; the others come back as ``None`` and the work that
-    only they needed (the last layers' lower-order coefficients of a Laplacian) is removed from the graph."""
+    only they needed (the last layers' lower-order coefficients of a Laplacian) is removed from the graph.
 
-    def taylor(xx, *consts):
+    With ``seed_shape`` (``[R, B or 1, *in]``), the first-order seeds are not baked in as constants but
+    are a graph input: ``(x, seeds, *constants)``; ``dirs`` is then unused (random directions drawn
+    afresh on every call reuse one graph, see :mod:`torchderiv._random`)."""
+
+    def taylor(xx, *rest):
+        if seed_shape is not None:
+            s, consts = rest[0], rest[1:]
+        else:
+            s, consts = s_const, rest
         ctx = Ctx(plan)
         xj = Jet(xx, [s] + [None] * (plan.order - 1))
         out = _interpret(ctx, cap.gm, [xj, *consts])
@@ -189,8 +197,9 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
         holders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][1:]
         consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
         xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
-        s = seeds(dirs, x, batched)
-        gm = make_fx(taylor)(xb, *consts)
+        s_const = None if seed_shape is not None else seeds(dirs, x, batched)
+        sb = () if seed_shape is None else (torch.zeros(seed_shape, dtype=x.dtype, device=x.device),)
+        gm = make_fx(taylor)(xb, *sb, *consts)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

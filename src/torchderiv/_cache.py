@@ -15,7 +15,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ._build import build
-from ._capture import Captured, capture, check_batch_independence
+from ._capture import BatchMixingError, Captured, capture, check_batch_independence
+from ._errors import one_d_hint
 from ._plan import Plan
 from ._warnings import about
 
@@ -264,7 +265,14 @@ def captured(f: Callable, x: torch.Tensor, batched: bool, fname: str) -> Capture
     if not isinstance(cap.out_val, torch.Tensor):
         check_output(fname, cap.out_val, x, batched)
     if batched and x.shape[0] > 1:  # a single row has nothing to mix with
-        check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+        try:
+            check_batch_independence(cap, fname)  # before the shape check: names the op that mixes rows
+        except BatchMixingError as e:
+            if x.dim() != 1:
+                raise
+            # a 1-D x whose entries f mixes: almost always one point passed without its batch dimension
+            raise BatchMixingError(f"{fname}: {one_d_hint(x)} (f mixes the entries of x, which batched=True "
+                                   f"reads as separate samples)") from e
     check_output(fname, cap.out_val, x, batched)
     slot[key] = (cap, Entry(gm=None, constants=cap.constants, **_state(f, cap)))
     return cap
@@ -287,9 +295,11 @@ def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
 
 
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
-                     fname: str, outputs: tuple[int, ...] | None = None) -> Entry:
+                     fname: str, outputs: tuple[int, ...] | None = None,
+                     seed_shape: tuple[int, ...] | None = None) -> Entry:
+    """The cached generated graph; with ``seed_shape`` its seeds are a graph input (see ``build``)."""
     slot = _slot(f)
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs)
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs, seed_shape)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
@@ -297,7 +307,7 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
         cap = captured(f, x, batched, fname)
         try:
             with about(f):  # a per-op fallback warning while building names this f
-                gm = build(cap, plan, dirs, x, batched, outputs)
+                gm = build(cap, plan, dirs, x, batched, outputs, seed_shape)
             e = Entry(gm=gm, constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
+from ._errors import quiet_torch_logs
 from ._rules import RULES
 
 aten = torch.ops.aten
@@ -189,7 +190,7 @@ def _uncompiled(f):
 def capture(f, x: torch.Tensor) -> Captured:
     """Trace ``f`` at an input like ``x``; ops without a rule are decomposed where torch knows how."""
     f = _uncompiled(f)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), quiet_torch_logs():  # f's errors are raised, not logged by torch
         fake_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return _capture(f, fake_x)
 

@@ -22,6 +22,8 @@ from ._build import NoForwardDerivative
 from ._cache import captured, fast_call
 from ._capture import TraceError
 from ._costmodel import autograd_units, choose, forward_units, graph_cost, reverse_units
+from ._random import is_random
+from ._random import run as run_random
 from ._requests import METHODS, Request, Work, in_shape, prepare
 from ._taylor import streams, taylor
 from ._warnings import warn_fallback
@@ -115,6 +117,8 @@ def dispatch(req: Request, f, x):
         if r is not None:
             return r
     validate(req, f, x)
+    if is_random(req):  # estimator= / directions=: an unbiased randomized estimate (issue 14)
+        return run_random(req, f, x)
     work = prepare(req, f, x)
     if work.direct is not None:
         return work.direct()

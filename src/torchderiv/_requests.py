@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _compressed
 from ._fallback import probe_output
 from ._reverse import hessian_reverse, jacobian_reverse
 
@@ -325,4 +326,6 @@ METHODS: dict[str, tuple[str, ...]] = {
 
 
 def prepare(req: Request, f, x: Tensor) -> Work:
+    if req.op in _compressed.OPS:  # sparsity= / layout=: the colored work where it pays (docs/sparsity.md)
+        return _compressed.work(req, f, x, PREPARE[req.op])
     return PREPARE[req.op](req, f, x)

@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._cache import Entry, _mode, _slot, _state, captured, output_shape
 from ._capture import TraceError
-from ._fallback import map_samples, per_sample, probe_output
+from ._fallback import map_samples, per_sample, probe_output, written_out
 from ._rules import _select_scatter_op, _slice_scatter_op, copy_out_of_place
 from ._warnings import warn_fallback
 
@@ -114,9 +114,10 @@ def _batched_vjp_jacobian(g, x, chunk_size):
 def jacobian_reverse(fname, f, x, batched, chunk_size):
     """Per-sample Jacobians ``[B, *out, *in]`` by vector-Jacobian products vectorized over outputs."""
     if not traceable(fname, f, x, batched):  # checks f's output and that rows do not interact
-        if not batched:
-            return torch.func.jacrev(f, chunk_size=chunk_size)(x)
-        return map_samples(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size), x)
+        with written_out():  # fused attention, cdist: torch.func cannot run them
+            if not batched:
+                return torch.func.jacrev(f, chunk_size=chunk_size)(x)
+            return map_samples(torch.func.jacrev(per_sample(f, batched), chunk_size=chunk_size), x)
     g = reverse_function(f, x, batched, fname)
     if not batched:
         return torch.func.jacrev(g, chunk_size=chunk_size)(x)
@@ -130,7 +131,8 @@ def hessian_reverse(fname, f, x, batched, chunk_size):
     jrr = lambda h: torch.func.jacrev(torch.func.jacrev(h, chunk_size=chunk_size), chunk_size=chunk_size)  # noqa: E731
     if not traceable(fname, f, x, batched):  # checks f's output and that rows do not interact
         H = jrr(per_sample(f, batched))
-        return map_samples(H, x) if batched else H(x)
+        with written_out():  # fused attention (no double backward), cdist, layer_norm: written out
+            return map_samples(H, x) if batched else H(x)
     g = reverse_function(f, x, batched, fname)
     x = x.contiguous()  # an expanded x (one memory location for several entries): one entry per row to differentiate
     if not batched:

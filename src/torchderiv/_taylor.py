@@ -78,7 +78,8 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
     try:
         captured(f, x, batched, fname)
     except TraceError as e:  # the whole request through torch.func, unchunked
-        y, parts, sums = traced_fallback(fname, f, x, items, reference_combos or combos, batched, e)
+        y, parts, sums = traced_fallback(fname, f, x, items, reference_combos or combos, batched, e,
+                                         None if reference_combos else directions, chunk_size)
         if not stacked:
             parts = list(parts) if parts is not None else None
             sums = list(sums) if sums is not None else None
@@ -124,7 +125,12 @@ def _chunked(fname, f, x, items, combos, batched, chunk_size, stacked, direction
     y = None
     parts = []
     for s in range(0, len(items), chunk_size):
-        y, p, _ = taylor(fname, f, x, items[s : s + chunk_size], [], batched, None, stacked=False)
+        chunk, dirs = items[s : s + chunk_size], None
+        if directions is not None:  # multi-indices over directions: renumber this chunk's directions
+            used = sorted({d for a in chunk for d in a})
+            pos = {d: r for r, d in enumerate(used)}
+            chunk, dirs = [tuple(pos[d] for d in a) for a in chunk], tuple(directions[d] for d in used)
+        y, p, _ = taylor(fname, f, x, chunk, [], batched, None, stacked=False, directions=dirs)
         parts.extend(p)
     sums = []
     for combo in combos:

@@ -93,12 +93,13 @@ def spec_label(alpha: tuple[int, ...], coords: str | None = None) -> str:
 # ----------------------------------------------------------------------------- torchderiv
 
 
-def td_op(op: str, method: str | None = None, spec=None, coords=None) -> Builder:
-    """``torchderiv.<op>`` (forward Taylor mode unless ``method`` says otherwise)."""
+def td_op(op: str, method: str | None = None, spec=None, coords=None, **options) -> Builder:
+    """``torchderiv.<op>`` (forward Taylor mode unless ``method`` says otherwise); ``options`` are passed on
+    (``sparsity=``, ``layout=``)."""
 
     def build(s: Setup) -> Runner:
         f, x = s.f, s.x
-        kw = {} if method is None else {"method": method}
+        kw = dict(options) if method is None else {"method": method, **options}
         if op == "partials":
             keys = spec if spec is not None else s.extra["spec"]
             return lambda: _detach(*torchderiv.partials(f, x, keys, coords=coords).values())

@@ -69,10 +69,14 @@ def scenario_table(r: ScenarioResult):
     t.add_column("speed-up", justify="right")
     t.add_column("peak mem", justify="right")
     t.add_column("max err", justify="right")
+    rms = any(m.stochastic for m in r.methods)
+    if rms:
+        t.add_column("rel RMS err", justify="right")
     t.add_column("status")
     if r.forward is not None:
         t.add_row(Text("plain forward f(x)", style="dim"), fmt_time(r.forward.median),
-                  f"±{100 * r.forward.iqr_rel / 2:.0f}% IQR", "1", "", "", "", "", style="dim")
+                  f"±{100 * r.forward.iqr_rel / 2:.0f}% IQR", "1", "", "", "", *([""] if rms else []), "",
+                  style="dim")
     for m in r.methods:
         name = m.name + (" (baseline)" if m.is_baseline else "") + (f" {m.flags()}" if m.flags() else "")
         style = "bold cyan" if m.kind == "torchderiv" else None
@@ -81,8 +85,9 @@ def scenario_table(r: ScenarioResult):
         else:
             status = Text(m.status, style="bold red")
         err = "-" if m.max_abs_err is None else f"{m.max_abs_err:.1e}"
+        extra = [("-" if m.rel_rms_err is None else f"{m.rel_rms_err:.2e}")] if rms else []
         t.add_row(Text(name, style=style or ""), fmt_time(m.timing.median if m.timing else None), _spread(m),
-                  _fmt_fpe(m.fpe), _fmt_x(m.speedup), fmt_mem(m.peak_bytes), err, status)
+                  _fmt_fpe(m.fpe), _fmt_x(m.speedup), fmt_mem(m.peak_bytes), err, *extra, status)
     return t
 
 
@@ -111,7 +116,7 @@ def scenario_footer(r: ScenarioResult, quick: bool = False) -> list[str]:
 
 
 def recommendation(r: ScenarioResult) -> str | None:
-    ok = [m for m in r.methods if m.ok and m.timing is not None]
+    ok = [m for m in r.methods if m.ok and m.timing is not None and not m.stochastic]
     if not ok:
         return None
     best = min(ok, key=lambda m: m.timing.median)

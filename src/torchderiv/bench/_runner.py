@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,8 @@ class MethodResult:
     error: str | None = None
     sub_batch: int | None = None
     batch: int | None = None
+    stochastic: bool = False
+    rel_rms_err: float | None = None  # a randomized estimator's relative RMS error over repeated calls
 
     @property
     def ok(self) -> bool:
@@ -63,6 +66,8 @@ class MethodResult:
             "max_rel_err": self.max_rel_err,
             "timed_once": bool(self.timing and self.timing.timed_once),
             "scaled_from_batch": self.sub_batch,
+            "stochastic": self.stochastic,
+            "rel_rms_err": self.rel_rms_err,
             "error": self.error,
         }
 
@@ -173,6 +178,13 @@ def compare(out: tuple, ref: tuple, rtol: float) -> tuple[float, float, bool, st
     return worst_abs, worst_rel, worst_rel <= rtol, None
 
 
+def rel_rms(outs: list[tuple], ref: tuple) -> float:
+    """``sqrt(mean (out - ref)^2) / sqrt(mean ref^2)`` over every call and entry (the first tensor)."""
+    r = ref[0].double()
+    se = sum(float(((o[0].double().to(r.device) - r) ** 2).sum()) for o in outs) / len(outs)
+    return math.sqrt(se / max(float((r**2).sum()), 1e-300))
+
+
 def probe_memory_subprocess(spec: dict, timeout: float = 900.0) -> tuple[int | None, str]:
     """Peak RSS of one method in a fresh process (so other methods' allocations do not count)."""
     env = memprobe_env()
@@ -227,7 +239,7 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
     cands = [Candidate(_wrap(fwd, sc.no_grad))]
     kept = []
     for m in order:
-        mr = MethodResult(m.name, m.kind, m.name == sc.baseline, batch=setup.B)
+        mr = MethodResult(m.name, m.kind, m.name == sc.baseline, batch=setup.B, stochastic=m.stochastic)
         s = setup
         scale = 1.0
         if quick and m.quick_sub_batch and m.quick_sub_batch < setup.B:
@@ -268,6 +280,9 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
             continue
         mr.timing = c.timing
         mr._out = _as_tuple(c.out)  # type: ignore[attr-defined]
+        if m.stochastic:  # more calls (untimed) for the relative RMS error against the reference
+            reps = max(1, sc.error_reps // 10 if quick else sc.error_reps)
+            mr._outs = [mr._out] + [_as_tuple(c.fn()) for _ in range(reps - 1)]  # type: ignore[attr-defined]
         if m.standardize is not None:
             mr._out = _as_tuple(m.standardize(mr._out))  # type: ignore[attr-defined]
         outputs[mr.name + "/out"] = mr._out  # type: ignore[attr-defined]
@@ -285,6 +300,14 @@ def run_scenario(sc: Scenario, device: torch.device, policy: TimingPolicy, quick
     for mr in res.methods:
         out = getattr(mr, "_out", None)
         if mr.status == "ERROR" or ref is None or out is None:
+            continue
+        if any(m.stochastic for m in sc.methods):
+            mr.rel_rms_err = rel_rms(getattr(mr, "_outs", [out]), ref)
+        if mr.stochastic:  # not checked to rtol: its error is the rel RMS column
+            mr.agreed = math.isfinite(mr.rel_rms_err)
+            if not mr.agreed:
+                mr.status, mr.error = "FAIL", "non-finite estimates"
+            del mr._out  # type: ignore[attr-defined]
             continue
         a, r, ok, why = compare(out, ref, sc.rtol)
         mr.max_abs_err, mr.max_rel_err, mr.agreed = a, r, ok

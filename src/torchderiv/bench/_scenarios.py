@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _dde
 from . import _methods as M
+from . import _stochastic as S
 from ._methods import Builder, Runner, Setup
 from ._peers import (
     af_jacobian_diagonal,
@@ -47,6 +49,8 @@ class Method:
     memory: bool = True  # measure its peak memory (False: a compiled method would recompile in the probe)
     # lays the method's own result out like the reference for the agreement check (not timed)
     standardize: Callable[[tuple], tuple] | None = None
+    # a randomized estimator: reported by its relative RMS error over repeated calls, not checked to rtol
+    stochastic: bool = False
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Scenario:
     forward: Callable[[Setup], Runner] | None = None  # the plain forward of FPE; default f(x)
     op: str = ""
     notes: list[str] = field(default_factory=list)
+    error_reps: int = 100  # calls of each stochastic method for its relative RMS error (10 with --quick)
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -117,6 +122,85 @@ def mlp(*sizes: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+class PointwiseMap(nn.Module):
+    """The elementwise map of issue 16: ``tanh(z) z^2 + sin(z)``, a diagonal Jacobian."""
+
+    def forward(self, z):
+        return torch.tanh(z) * z**2 + torch.sin(z)
+
+
+class Conv1dMap(nn.Module):
+    """Two width-5 convolutions over the positions of a 1-D signal ``[B, L] -> [B, L]``: bandwidth 9."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.c1 = nn.Conv1d(1, channels, 5, padding=2)
+        self.c2 = nn.Conv1d(channels, 1, 5, padding=2)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x.unsqueeze(1)))).squeeze(1)
+
+
+class GridConv(nn.Module):
+    """Two 3 x 3 convolutions on a ``side x side`` grid, flattened ``[B, side^2] -> [B, side^2]``."""
+
+    def __init__(self, side: int = 32, channels: int = 8):
+        super().__init__()
+        self.side = side
+        self.c1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.c2 = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = x.unflatten(-1, (1, self.side, self.side))
+        return self.c2(torch.tanh(self.c1(h))).flatten(1)
+
+
+def _to_dense(r: tuple) -> tuple:
+    return tuple(t.to_dense() for t in r)
+
+
+def _sparse_scenarios() -> None:
+    """Issue 16: structured maps, dense against colored (sparse) torchderiv."""
+    no_peer = ("no PyTorch library detects and colors sparsity patterns: the peer row is torch.func's "
+               "vmap(jacfwd), which builds the whole per-sample Jacobian")
+    register(Scenario(
+        "pointwise-diag", "jacobian_diagonal of tanh(z) z^2 + sin(z), n=1000, B=1024",
+        _seeded(lambda: Setup(PointwiseMap(), torch.randn(1024, 1000))),
+        [Method("torchderiv.jacobian_diagonal (dense)", M.td_op("jacobian_diagonal", "forward", sparsity=False),
+                kind="torchderiv", slow=True, quick_sub_batch=16),
+         Method("torchderiv.jacobian_diagonal (sparse)", M.td_op("jacobian_diagonal", sparsity=True),
+                kind="torchderiv"),
+         Method("vmap(jacfwd) diagonal", M._diag_of(M.tf_jacobian("jacfwd"), False), slow=True,
+                quick_sub_batch=16)],
+        baseline="vmap(jacfwd) diagonal", reference="vmap(jacfwd) diagonal", reference_rows=8,
+        op="jacobian_diagonal",
+        targets=[Target("torchderiv.jacobian_diagonal (sparse)", max_fpe=3)],
+        notes=[no_peer, "pointwise-diag: the dense rows build [B, 1000, 1000] (4 GB at B=1024): timed once"]))
+    register(Scenario(
+        "conv1d-jacobian", "jacobian of two width-5 Conv1d layers (1->16->1, tanh) over 1000 positions, B=32",
+        _seeded(lambda: Setup(Conv1dMap(), torch.randn(32, 1000))),
+        [Method("torchderiv.jacobian (dense)", M.td_op("jacobian", "forward", sparsity=False),
+                kind="torchderiv", slow=True, quick_sub_batch=4),
+         Method("torchderiv.jacobian (sparse)", M.td_op("jacobian", sparsity=True), kind="torchderiv"),
+         Method("vmap(jacfwd)", M.tf_jacobian("jacfwd"), slow=True, quick_sub_batch=4)],
+        baseline="vmap(jacfwd)", reference="vmap(jacfwd)", reference_rows=4, op="jacobian",
+        targets=[Target("torchderiv.jacobian (sparse)", min_speedup=30, versus="torchderiv.jacobian (dense)")],
+        notes=[no_peer]))
+    register(Scenario(
+        "grid-conv-jacobian", "jacobian of two 3x3 Conv2d layers (1->8->1, tanh) on a 32 x 32 grid, B=8",
+        _seeded(lambda: Setup(GridConv(), torch.randn(8, 32 * 32))),
+        [Method("torchderiv.jacobian (dense)", M.td_op("jacobian", "forward", sparsity=False),
+                kind="torchderiv"),
+         Method("torchderiv.jacobian (sparse)", M.td_op("jacobian", sparsity=True), kind="torchderiv"),
+         Method("torchderiv.jacobian (sparse, layout=sparse_coo)",
+                M.td_op("jacobian", sparsity=True, layout=torch.sparse_coo), kind="torchderiv",
+                standardize=_to_dense),
+         Method("vmap(jacfwd)", M.tf_jacobian("jacfwd"))],
+        baseline="vmap(jacfwd)", reference="vmap(jacfwd)", reference_rows=2, op="jacobian",
+        notes=[no_peer, "grid-conv-jacobian: the sparse_coo row returns 8 x 1024 x 25 stored entries instead of "
+               "8 x 1024 x 1024; its agreement is checked on .to_dense() (untimed)"]))
+
+
 def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
     def make() -> Setup:
         torch.manual_seed(0)
@@ -126,6 +210,12 @@ def _seeded(fn: Callable[[], Setup]) -> Callable[[], Setup]:
 
 
 # ----------------------------------------------------------------------------- the scenarios
+
+
+def dde_rows(problem: str) -> list[Method]:
+    """The two rows of a DeepXDE training step: DeepXDE alone, and with torchderiv.deepxde switched on."""
+    return [Method("deepxde dde.grad", _dde.step(problem, False)),
+            Method("deepxde + torchderiv.deepxde", _dde.step(problem, True), kind="torchderiv")]
 
 
 def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
@@ -149,7 +239,8 @@ def _jacobian_methods(slow: bool, dde: bool) -> list[Method]:
 
 def build_registry() -> None:
     dde = dde_available()
-    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer)"]
+    note = [] if dde else ["DeepXDE: not installed (pip install deepxde to add it as a peer); the dde-* "
+                           "training-step scenarios are left out"]
 
     register(Scenario(
         "seed000", "seed 000: per-sample dy/dx, net_x 1->20->20->4 tanh, B=10",
@@ -238,6 +329,8 @@ def build_registry() -> None:
         reference_rows=8, rtol=1e-2, no_grad=True, op="biharmonic",
         targets=[Target("torchderiv.biharmonic", min_speedup=3)]))
 
+    _random_scenarios()
+
     kdv_spec = ["", "x", "xxx"]
     kdv_idx = [(), (1,), (1, 1, 1)]
     register(Scenario(
@@ -250,6 +343,20 @@ def build_registry() -> None:
         baseline="autograd.grad nested loop", reference="autograd.grad nested loop", op="partials",
         rtol=2e-3))
 
+    _sparse_scenarios()
+
+    if dde:
+        for problem, what in (("burgers", "Burgers 1-D + t, 2->20x3->1, 2540 points"),
+                              ("kovasznay", "Kovasznay 2-D, 2->50x4->3, 3000 points"),
+                              ("euler-beam", "Euler beam, 4th order by nested calls, 1->20x3->1, 200 points"),
+                              ("navier-stokes-3d", "3-D unsteady Navier-Stokes, 4->50x4->4, 2000 points")):
+            register(Scenario(
+                f"dde-{problem}", f"DeepXDE training step (residual, clear, backward): {what}",
+                _dde.make(problem), dde_rows(problem), baseline="deepxde dde.grad", reference="deepxde dde.grad",
+                op="deepxde step", rtol=2e-3,
+                notes=[f"dde-{problem}: the same DeepXDE-style step, with and without torchderiv.deepxde.enable(); "
+                       "times include dde.grad.clear() and the backward to the parameters"]))
+
     register(Scenario(
         "tiny-mlp", "tiny test scenario: Jacobian, 2->16->16->3 tanh, B=8",
         _seeded(lambda: Setup(mlp(2, 16, 16, 3), torch.randn(8, 2))),
@@ -257,6 +364,56 @@ def build_registry() -> None:
          Method("vmap(jacrev)", M.tf_jacobian("jacrev")),
          Method("autograd.grad loop over outputs", M.ag_jacobian)],
         baseline="autograd.grad loop over outputs", reference="vmap(jacrev)", op="jacobian", hidden=True))
+
+
+def _random_scenarios() -> None:
+    """Issue 14: randomized (stochastic Taylor) Laplacian and divergence against the exact operators."""
+    K = 16
+    D = 1000
+    lap = [Method("torchderiv.laplacian (exact)", M.td_op("laplacian"), kind="torchderiv", quick_once=True)]
+    for est in ("rademacher", "gaussian", "coordinates"):
+        lap.append(Method(f"torchderiv.laplacian {est} K={K}", S.td_random("laplacian", est, K),
+                          kind="torchderiv", stochastic=True))
+    lap.append(Method(f"torchderiv.laplacian rademacher K={K} shared", S.td_random("laplacian", "rademacher", K,
+                                                                                  shared=True),
+                      kind="torchderiv", stochastic=True))
+    lap.append(Method(f"torch.func vmap(jvp(jvp)) Hutchinson K={K}", S.tf_hutchinson_laplacian(K), stochastic=True))
+    notes = ["directions are drawn inside every timed call, per sample unless the row says shared; rel RMS err: "
+             "sqrt(mean (estimate - exact)^2) / sqrt(mean exact^2) over the repeated calls, against the "
+             "float64 exact Laplacian"]
+    jet_row = f"jet-for-pytorch randomized Laplacian K={K}"
+    if S.jet_available():
+        lap.append(Method(jet_row, S.jet_laplacian(K), stochastic=True))
+    else:
+        notes.append("jet-for-pytorch: not installed (its 1.0.0 wheel declares Python >= 3.12); its row and the "
+                     "1.5x target against it are left out")
+    rad = f"torchderiv.laplacian rademacher K={K}"
+    register(Scenario(
+        "laplacian-d1000-random",
+        f"randomized Laplacian, {D}->256->256->256->1 tanh, B=128, K={K}, under torch.no_grad",
+        _seeded(lambda: Setup(mlp(D, 256, 256, 256, 1), torch.randn(128, D))),
+        lap, baseline="torchderiv.laplacian (exact)", reference="torchderiv.laplacian (exact)", no_grad=True,
+        op="laplacian", notes=notes,
+        targets=[Target(rad, max_fpe=25), Target(rad, min_speedup=10)]
+        + ([Target(rad, min_speedup=1.5, versus=jet_row)] if S.jet_available() else [])))
+
+    Dc, H = 256, 512
+    div = [
+        Method("autograd.grad vjp Hutchinson K=1 (FFJORD)", S.ag_hutchinson_divergence(1), stochastic=True),
+        Method("torchderiv.divergence (exact)", M.td_op("divergence"), kind="torchderiv"),
+        Method("vmap(jacrev) diagonal", M._diag_of(M.tf_jacobian("jacrev"), True)),
+    ]
+    for est in ("rademacher", "gaussian", "coordinates"):
+        div.append(Method(f"torchderiv.divergence {est} K=1", S.td_random("divergence", est, 1),
+                          kind="torchderiv", stochastic=True))
+    div.append(Method("torch.func vmap(jvp) Hutchinson K=1", S.tf_hutchinson_divergence(1), stochastic=True))
+    register(Scenario(
+        "divergence-ffjord",
+        f"divergence of a CNF vector field, {Dc}->{H}->{H}->{Dc} softplus, B=256, K=1 (the FFJORD estimator)",
+        _seeded(lambda: Setup(S.CNFField(Dc, H), torch.randn(256, Dc))),
+        div, baseline="autograd.grad vjp Hutchinson K=1 (FFJORD)", reference="vmap(jacrev) diagonal",
+        op="divergence", notes=["directions drawn inside every timed call, per sample; rel RMS err against the "
+                                "float64 exact divergence"]))
 
 
 build_registry()
