@@ -283,21 +283,21 @@ class SigExpSqrt(nn.Module):
 
 
 ZOO: list[Case] = [
-    Case("tanh_mlp", lambda: mlp([3, 12, 12, 2], nn.Tanh), (3,)),
-    Case("siren", lambda: mlp([2, 16, 16, 1], lambda: Sin(2.0)), (2,)),
+    Case("tanh_mlp", lambda: mlp([3, 12, 12, 2], nn.Tanh), (3,), dims=[0, 1]),
+    Case("siren", lambda: mlp([2, 16, 16, 1], lambda: Sin(2.0)), (2,), dims=[0, 1]),
     Case("gelu_mlp", lambda: nn.Sequential(nn.Linear(3, 12), nn.GELU(), nn.Linear(12, 12),
-                                              nn.GELU(approximate="tanh"), nn.Linear(12, 3)), (3,)),
+                                              nn.GELU(approximate="tanh"), nn.Linear(12, 3)), (3,), dims=[0, 1]),
     Case("silu_softplus_mlp", lambda: nn.Sequential(nn.Linear(2, 12), nn.SiLU(), nn.Linear(12, 12),
-                                                       nn.Softplus(), nn.Linear(12, 2)), (2,)),
-    Case("residual_layernorm", ResidualLN, (3,)),
-    Case("fourier_features", FourierNet, (2,)),
+                                                       nn.Softplus(), nn.Linear(12, 2)), (2,), dims=[0, 1]),
+    Case("residual_layernorm", ResidualLN, (3,), dims=[0, 1]),
+    Case("fourier_features", FourierNet, (2,), dims=[0, 1]),
     Case("attention", Attention, (3, 3), heavy=True, dims=[0, 4, 8]),
     Case("conv1d", Conv1dNet, (2, 4), heavy=True, dims=[1, 6]),
     Case("conv2d", Conv2dNet, (1, 3, 3), heavy=True, dims=[0, 4, 8]),
     Case("pointwise", Pointwise, (2, 2), dims=[1, 3]),
-    Case("multi_output", MultiOutput, (2,)),
-    Case("rational_log", RationalLog, (2,)),
-    Case("sigmoid_exp_sqrt", SigExpSqrt, (3,)),
+    Case("multi_output", MultiOutput, (2,), dims=[0, 1]),
+    Case("rational_log", RationalLog, (2,), dims=[0, 1]),
+    Case("sigmoid_exp_sqrt", SigExpSqrt, (3,), dims=[0, 1]),
 ]
 ZOO_IDS = [c.name for c in ZOO]
 ZOO_BY_NAME = {c.name: c for c in ZOO}
