@@ -287,19 +287,21 @@ class Case:
             return contextlib.nullcontext()
         return pytest.warns(torchderiv.FallbackWarning, match=self.fallback)
 
-    def build(self) -> tuple[nn.Module, Callable, Tensor]:
-        """``(model, reference callable, x)``, built once per process and case."""
-        if self.name not in _BUILT:
-            torch.manual_seed(_seed(self.name, 1))  # module initializers draw from the global generator
+    def build(self, seed: int = 0) -> tuple[nn.Module, Callable, Tensor]:
+        """``(model, reference callable, x)``, built once per process, case and ``seed`` (another seed: other
+        weights and another x; the cached references are those of seed 0)."""
+        key = self.name if seed == 0 else (self.name, seed)
+        if key not in _BUILT:
+            torch.manual_seed(_seed(self.name, 1 + 10 * seed))  # module initializers draw from the global generator
             model = self.factory().to(DTYPE).eval()
-            g = torch.Generator().manual_seed(_seed(self.name, 2))
+            g = torch.Generator().manual_seed(_seed(self.name, 2 + 10 * seed))
             x = self.scale * torch.randn(self.batch, *self.in_shape, dtype=DTYPE, generator=g)
             if self.noncontiguous:
                 x = x.flatten(1).T.contiguous().T.reshape(x.shape)
                 assert not x.is_contiguous()
             ref = model.reference if hasattr(model, "reference") else model
-            _BUILT[self.name] = (model, ref, x)
-        return _BUILT[self.name]
+            _BUILT[key] = (model, ref, x)
+        return _BUILT[key]
 
     # -- cached references (keyed by case name: the builds are deterministic)
 
