@@ -14,8 +14,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ._batchcheck import check_batch_independence
 from ._build import build
-from ._capture import BatchMixingError, Captured, capture, check_batch_independence
+from ._capture import BatchMixingError, Captured, capture
 from ._errors import one_d_hint
 from ._plan import Plan
 from ._warnings import about
@@ -323,6 +324,9 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
 # ----------------------------------------------------------------------------- fast path
 
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# while not None, every registered or hit call path is appended as (key, runner, entry): how the
+# torch.compile path (``_compile.py``) learns which generated graph serves a request
+RECORD: list | None = None
 
 
 def register_fast(f, key, runner, entry: Entry) -> None:
@@ -334,6 +338,8 @@ def register_fast(f, key, runner, entry: Entry) -> None:
     if len(d) > 4 * _PER_F:
         d.clear()
     d[(_owner(f)[1], key)] = (runner, entry, _mode(f))
+    if RECORD is not None:
+        RECORD.append((key, runner, entry))
 
 
 def fast_call(f, key, x):
@@ -351,4 +357,6 @@ def fast_call(f, key, x):
     if mode != _mode(f) or not entry.fresh(f):
         del d[(_owner(f)[1], key)]
         return None
+    if RECORD is not None:
+        RECORD.append((key, runner, entry))
     return runner(x)

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-from ._rules import _UNARY, RULES
-
-_KINDS = {
-    "linear algebra": {"mm", "addmm", "bmm", "baddbmm", "convolution", "_fft_r2c", "_fft_c2r", "_fft_c2c",
-                       "linalg_inv_ex", "_linalg_det", "_linalg_slogdet", "_linalg_solve_ex", "_trilinear"},
-    "arithmetic": {"add", "sub", "rsub", "mul", "div", "neg", "pow", "where", "maximum", "minimum", "atan2",
-                   "clamp", "clamp_min", "clamp_max", "complex", "view_as_real", "view_as_complex", "_conj",
-                   "_conj_physical"},
-    "shape": {"t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze",
-              "clone", "alias", "contiguous", "lift_fresh_copy", "_to_copy", "detach", "slice", "select",
-              "index_select", "constant_pad_nd", "cat", "stack", "split", "split_with_sizes", "unbind", "unfold",
-              "scatter", "scatter_add", "scatter_reduce"},
-    "reduction": {"sum", "mean", "var", "var_mean", "logsumexp", "prod", "cumprod", "logcumsumexp",
-                  "linalg_vector_norm", "sort", "topk", "kthvalue", "median", "cummax", "cummin"},
-    "normalization / softmax": {"native_layer_norm", "_softmax", "_log_softmax", "native_batch_norm",
-                                "_native_batch_norm_legit_no_training"},
-}
+from ._rules import RULES, kind_of
 
 
 def _kind(op) -> str:
-    if op in _UNARY or op.__name__.split(".")[0] == "gelu":
-        return "elementwise"
-    base = op.__name__.split(".")[0]
-    for kind, names in _KINDS.items():
-        if base in names:
-            return kind
-    return "other"
+    """The kind declared with the op's rule in :mod:`torchderiv._rules`."""
+    kind = kind_of(op)
+    if kind is None:
+        raise AssertionError(f"{op} has a rule but no declared kind")
+    return kind
 
 
 def markdown() -> str:

@@ -18,9 +18,11 @@ import math
 import torch
 from torch import Tensor
 
+from ._autograd import admissible, autograd_taylor
 from ._build import NoForwardDerivative
 from ._cache import captured, fast_call
 from ._capture import TraceError
+from ._compile import call, compiling, run_eager
 from ._costmodel import autograd_units, choose, forward_units, graph_cost, reverse_units
 from ._random import is_random
 from ._random import run as run_random
@@ -86,7 +88,7 @@ def _method(req: Request, work: Work, f, x: Tensor) -> str:
     batch = x.shape[0] if req.batched else 1
     grad = torch.is_grad_enabled() and any(isinstance(c, Tensor) and c.requires_grad for c in cap.constants)
     units = candidates(req, work, cap)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # also while _compile._plan builds: never autograd there
         units.pop("autograd", None)  # a graph break at every torch.autograd.grad
     return choose(units, graph_cost(cap.gm, batch), batch, grad)
 
@@ -105,12 +107,18 @@ def candidates(req: Request, work: Work, cap) -> dict[str, float]:
 
 
 def autograd_admissible(cap, work: Work) -> bool:
-    """Whether nested torch.autograd can serve ``work`` exactly (set by the autograd method's module)."""
-    return False
+    """Whether nested torch.autograd can serve ``work`` exactly (:func:`torchderiv._autograd.admissible`)."""
+    return admissible(cap)
 
 
 def dispatch(req: Request, f, x):
     """Compute the request ``req`` for ``f`` at ``x`` (see the module docstring for the path)."""
+    if compiling():  # dynamo is tracing: compile the generated graph into the user's graph (_compile.py)
+        kw = dict(req.options)
+        if is_random(req):
+            return run_eager(req.op, f, x, dict(batched=req.batched, method=req.method,
+                                                chunk_size=req.chunk_size, **kw))
+        return call(req.op, f, x, batched=req.batched, method=req.method, chunk_size=req.chunk_size, **kw)
     key = req.key(x)
     if key is not None:
         r = fast_call(f, key, x)
@@ -125,6 +133,11 @@ def dispatch(req: Request, f, x):
     method = _method(req, work, f, x)
     if method == "reverse":
         return work.reverse()
+    if method == "autograd":  # nested torch.autograd.grad (_autograd.py); biharmonic in coordinates
+        combos, dirs = ((work.reference_combos, None) if work.reference_combos is not None
+                        else (work.combos, work.directions))
+        return autograd_taylor(req.op, f, x, work.items, combos, req.batched, stacked=work.stacked,
+                               assemble=work.assemble, fast_key=key, directions=dirs)
     try:
         return taylor(req.op, f, x, work.items, work.combos, req.batched, req.chunk_size, stacked=work.stacked,
                       assemble=work.assemble, fast_key=key, directions=work.directions,

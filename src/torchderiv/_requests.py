@@ -314,14 +314,14 @@ PREPARE: dict[str, Callable[[Request, Any, Tensor], Work]] = {
 
 # the methods each operator accepts ("auto" picks among the others)
 METHODS: dict[str, tuple[str, ...]] = {
-    "jacobian": ("auto", "forward", "reverse"),
-    "jacobian_diagonal": ("auto", "forward", "reverse"),
-    "hessian": ("auto", "forward", "reverse"),
-    "hessian_diagonal": ("auto", "forward", "reverse"),
-    "laplacian": ("auto", "forward", "reverse"),
-    "divergence": ("auto", "forward", "reverse"),
-    "biharmonic": ("auto", "forward"),
-    "partials": ("auto", "forward"),
+    "jacobian": ("auto", "forward", "reverse", "autograd"),
+    "jacobian_diagonal": ("auto", "forward", "reverse", "autograd"),
+    "hessian": ("auto", "forward", "reverse", "autograd"),
+    "hessian_diagonal": ("auto", "forward", "reverse", "autograd"),
+    "laplacian": ("auto", "forward", "reverse", "autograd"),
+    "divergence": ("auto", "forward", "reverse", "autograd"),
+    "biharmonic": ("auto", "forward", "autograd"),
+    "partials": ("auto", "forward", "autograd"),
 }
 
 

@@ -23,18 +23,60 @@ aten = torch.ops.aten
 
 RULES: dict = {}
 
+# ---------------------------------------------------------------------------- kinds
+# The kind of an op is stated once, where its rule is registered; the batch-independence check
+# (:mod:`torchderiv._batchcheck`) and the coverage table (:mod:`torchderiv._coverage`) read it from here.
+ELEMENTWISE = "elementwise"  # entry i of the result from entry i of each (broadcast) argument only
+CONSTANT = "constant"  # the values of the result do not depend on the values of any argument
+LINEAR = "linear"  # linear maps: matrix products, convolution, Fourier transforms, multilinear forms
+LINALG = "linear algebra"  # functions of matrices: determinant, inverse, solve
+SHAPE = "shape"  # views, slices, concatenation, padding, copies: values moved, never combined
+INDEXING = "indexing"  # gather, scatter, index, index_put: values moved by index tensors
+REDUCTION = "reduction"  # sums, means, norms, extrema and scans along dims
+SELECTION = "selection along a dim"  # sort, top-k, median, running extrema: values picked by comparison
+NORMALIZATION = "normalization / softmax"
+SPATIAL = "spatial"  # pooling and upsampling of [N, C, *spatial]
+
+KINDS: dict = {}  # op -> kind; an OpOverloadPacket key stands for every overload of the packet
+
 
 class Unsupported(Exception):
     """Raised by a rule that cannot handle these arguments; the engine falls back."""
 
 
-def rule(*ops):
+def register(op, fn, kind: str) -> None:
+    """``fn`` is the Taylor rule of ``op``, an op of the given kind."""
+    RULES[op] = fn
+    KINDS[op] = kind
+
+
+def rule(*ops, kind: str):
+    """Decorator: the Taylor rule of ``ops``, all of one kind."""
+
     def deco(fn):
         for op in ops:
-            RULES[op] = fn
+            register(op, fn, kind)
         return fn
 
     return deco
+
+
+def declare(kind: str, *ops) -> None:
+    """The kind of ops that have no Taylor rule of their own (decomposed before the transform, or left to the
+    generic fallback); a packet (``aten.eq``) declares every overload."""
+    for op in ops:
+        KINDS[op] = kind
+
+
+def kind_of(op) -> str | None:
+    """The declared kind of ``op`` (an ``OpOverload``): its own, its packet's, else :data:`ELEMENTWISE` where
+    ATen tags it pointwise; ``None`` for an op nobody declared."""
+    kind = KINDS.get(op)
+    if kind is None and isinstance(op, torch._ops.OpOverload):
+        kind = KINDS.get(op.overloadpacket)
+        if kind is None and torch.Tag.pointwise in op.tags:
+            kind = ELEMENTWISE
+    return kind
 
 
 def P(a):
@@ -129,7 +171,7 @@ def _gelu_rule(ctx: Ctx, x, approximate: str = "none"):
     return product(ctx, x, half, torch.mul)
 
 
-RULES[aten.gelu.default] = _gelu_rule
+register(aten.gelu.default, _gelu_rule, ELEMENTWISE)
 
 
 def _unary_apply(ctx: Ctx, x: Jet, y: Tensor, derivs) -> Jet:
@@ -152,7 +194,7 @@ def _unary(op, factory):
 
 
 for _op, _factory in list(_UNARY.items()):
-    RULES[_op] = _unary(_op, _factory)
+    register(_op, _unary(_op, _factory), ELEMENTWISE)
 
 
 def _holomorphic(op) -> bool:
@@ -170,7 +212,7 @@ def _reciprocal(ctx: Ctx, x: Jet) -> Jet:
     return _unary_apply(ctx, x, torch.reciprocal(x.p), D.reciprocal_derivs)
 
 
-@rule(aten.pow.Tensor_Tensor)
+@rule(aten.pow.Tensor_Tensor, kind=ELEMENTWISE)
 def _pow_tt(ctx, a, b):
     if constant(b):  # a constant exponent tensor: x^p entrywise
         y = torch.pow(a.p, b)
@@ -199,10 +241,10 @@ def _remainder_rule(op, rounding):
 
 for _op, _rounding in ((aten.remainder.Tensor, "floor"), (aten.remainder.Scalar, "floor"),
                        (aten.fmod.Tensor, "trunc"), (aten.fmod.Scalar, "trunc")):
-    RULES[_op] = _remainder_rule(_op, _rounding)
+    register(_op, _remainder_rule(_op, _rounding), ELEMENTWISE)
 
 
-@rule(aten.pow.Scalar)
+@rule(aten.pow.Scalar, kind=ELEMENTWISE)
 def _pow_scalar_base(ctx, s, x):
     e = scale(ctx, x, math.log(s), x.p * math.log(s))
     return _unary_apply(ctx, e, torch.exp(e.p), D.exp_derivs)
@@ -211,38 +253,38 @@ def _pow_scalar_base(ctx, s, x):
 # ============================================================================ arithmetic
 
 
-@rule(aten.add.Tensor)
+@rule(aten.add.Tensor, kind=ELEMENTWISE)
 def _add(ctx, a, b, alpha=1):
     return add(ctx, a, b, torch.add(P(a), P(b), alpha=alpha), alpha)
 
 
-@rule(aten.sub.Tensor)
+@rule(aten.sub.Tensor, kind=ELEMENTWISE)
 def _sub(ctx, a, b, alpha=1):
     return add(ctx, a, b, torch.sub(P(a), P(b), alpha=alpha), -alpha)
 
 
-@rule(aten.rsub.Scalar, aten.rsub.Tensor)
+@rule(aten.rsub.Scalar, aten.rsub.Tensor, kind=ELEMENTWISE)
 def _rsub(ctx, a, b, alpha=1):
     # b - alpha * a
     return add(ctx, b, a, torch.rsub(P(a), P(b), alpha=alpha), -alpha)
 
 
-@rule(aten.add.Scalar)
+@rule(aten.add.Scalar, kind=ELEMENTWISE)
 def _add_scalar(ctx, a, b, alpha=1):
     return Jet(a.p + b * alpha, list(a.c))
 
 
-@rule(aten.sub.Scalar)
+@rule(aten.sub.Scalar, kind=ELEMENTWISE)
 def _sub_scalar(ctx, a, b, alpha=1):
     return Jet(a.p - b * alpha, list(a.c))
 
 
-@rule(aten.neg.default)
+@rule(aten.neg.default, kind=ELEMENTWISE)
 def _neg(ctx, a):
     return scale(ctx, a, -1.0, -a.p)
 
 
-@rule(aten.mul.Tensor, aten.mul.Scalar)
+@rule(aten.mul.Tensor, aten.mul.Scalar, kind=ELEMENTWISE)
 def _mul(ctx, a, b):
     if not isinstance(P(a), Tensor) or (isinstance(b, Jet) and not isinstance(a, Jet)):
         a, b = b, a
@@ -251,7 +293,7 @@ def _mul(ctx, a, b):
     return product(ctx, a, b, torch.mul)
 
 
-@rule(aten.div.Tensor, aten.div.Scalar)
+@rule(aten.div.Tensor, aten.div.Scalar, kind=ELEMENTWISE)
 def _div(ctx, a, b):
     if constant(b):
         return scale(ctx, a, 1 / b if not isinstance(b, Tensor) else torch.reciprocal(b), P(a) / b)
@@ -259,7 +301,7 @@ def _div(ctx, a, b):
     return product(ctx, a, rb, torch.mul, y=P(a) / b.p)
 
 
-@rule(aten.where.self)
+@rule(aten.where.self, kind=ELEMENTWISE)
 def _where(ctx, cond, a, b):
     _require_constant(cond)
     y = torch.where(cond, P(a), P(b))
@@ -291,11 +333,11 @@ def _select_rule(pick_a: Callable):
     return r
 
 
-RULES[aten.maximum.default] = _select_rule(lambda a, b: a >= b)
-RULES[aten.minimum.default] = _select_rule(lambda a, b: a <= b)
+register(aten.maximum.default, _select_rule(lambda a, b: a >= b), ELEMENTWISE)
+register(aten.minimum.default, _select_rule(lambda a, b: a <= b), ELEMENTWISE)
 
 
-@rule(aten.clamp.Tensor)
+@rule(aten.clamp.Tensor, kind=ELEMENTWISE)
 def _clamp_tensor(ctx, x, lo=None, hi=None):
     """``min(max(x, lo), hi)`` with tensor bounds, any of which may depend on the input: each coefficient is
     the selected operand's (ties go to ``x``, as PyTorch's gradient does)."""
@@ -308,17 +350,17 @@ def _clamp_tensor(ctx, x, lo=None, hi=None):
     return Jet(y, out.c) if isinstance(out, Jet) else y
 
 
-@rule(aten.clamp_min.Tensor)
+@rule(aten.clamp_min.Tensor, kind=ELEMENTWISE)
 def _clamp_min_tensor(ctx, x, lo):
     return _clamp_tensor(ctx, x, lo, None)
 
 
-@rule(aten.clamp_max.Tensor)
+@rule(aten.clamp_max.Tensor, kind=ELEMENTWISE)
 def _clamp_max_tensor(ctx, x, hi):
     return _clamp_tensor(ctx, x, None, hi)
 
 
-@rule(aten.atan2.default)
+@rule(aten.atan2.default, kind=ELEMENTWISE)
 def _atan2(ctx, a, b):
     """``atan2(a, b)`` differs by a locally constant angle from ``atan(a / b)`` (used where ``|b| >= |a|``)
     and from ``-atan(b / a)`` (elsewhere), so its coefficients are those of the better-conditioned branch.
@@ -340,7 +382,7 @@ def _atan2(ctx, a, b):
 # ============================================================================ linear algebra
 
 
-@rule(aten.mm.default, aten.bmm.default)
+@rule(aten.mm.default, aten.bmm.default, kind=LINEAR)
 def _mm(ctx, a, b):
     return product(ctx, a, b, torch.matmul, elementwise=False)
 
@@ -359,11 +401,11 @@ def _addmm_like(op):
     return r
 
 
-RULES[aten.addmm.default] = _addmm_like(torch.addmm)
-RULES[aten.baddbmm.default] = _addmm_like(torch.baddbmm)
+register(aten.addmm.default, _addmm_like(torch.addmm), LINEAR)
+register(aten.baddbmm.default, _addmm_like(torch.baddbmm), LINEAR)
 
 
-@rule(aten.linalg_inv_ex.default)
+@rule(aten.linalg_inv_ex.default, kind=LINALG)
 def _linalg_inv(ctx, A, check_errors=False):
     """``Y = A^-1`` (batched over leading dims). With ``dA`` the jet of ``A`` less its primal, ``A Y = I`` is the
     fixed point ``Y = Y0 + L Y``, ``L = -Y0 dA`` (``d(A^-1) = -A^-1 dA A^-1`` to first order). ``L`` has a zero
@@ -379,7 +421,7 @@ def _linalg_inv(ctx, A, check_errors=False):
     return Y, info
 
 
-@rule(aten.convolution.default)
+@rule(aten.convolution.default, kind=LINEAR)
 def _conv(ctx, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
     _require_constant(w, bias)
     y = aten.convolution.default(x.p, w, bias, stride, padding, dilation, transposed, output_padding, groups)
@@ -401,28 +443,28 @@ def _conv(ctx, x, w, bias, stride, padding, dilation, transposed, output_padding
 # ============================================================================ shape ops
 
 
-@rule(aten.t.default)
+@rule(aten.t.default, kind=SHAPE)
 def _t(ctx, x):
     if x.p.dim() < 2:
         return Jet(x.p, list(x.c))
     return linear(ctx, x, torch.t, lambda X: align(X, 2).transpose(1, 2))
 
 
-@rule(aten.transpose.int)
+@rule(aten.transpose.int, kind=SHAPE)
 def _transpose(ctx, x, d0, d1):
     n = x.p.dim()
     return linear(ctx, x, lambda p: p.transpose(d0, d1),
                   lambda X: align(X, n).transpose(_dim(d0, n) + 1, _dim(d1, n) + 1))
 
 
-@rule(aten.permute.default)
+@rule(aten.permute.default, kind=SHAPE)
 def _permute(ctx, x, dims):
     n = x.p.dim()
     return linear(ctx, x, lambda p: p.permute(dims),
                   lambda X: align(X, n).permute(0, *[_dim(d, n) + 1 for d in dims]))
 
 
-@rule(aten.repeat.default)
+@rule(aten.repeat.default, kind=SHAPE)
 def _repeat(ctx, x, reps):
     reps = list(reps)
     n = x.p.dim()
@@ -436,7 +478,7 @@ def _repeat(ctx, x, reps):
     return linear(ctx, x, lambda p: p.repeat(reps), coef)
 
 
-@rule(aten.diagonal.default)
+@rule(aten.diagonal.default, kind=SHAPE)
 def _diagonal(ctx, x, offset=0, dim1=0, dim2=1):
     n = x.p.dim()
     d1, d2 = _dim(dim1, n), _dim(dim2, n)
@@ -444,7 +486,7 @@ def _diagonal(ctx, x, offset=0, dim1=0, dim2=1):
                   lambda X: full(X, x.p.shape).diagonal(offset, d1 + 1, d2 + 1))
 
 
-@rule(aten.hypot.default)
+@rule(aten.hypot.default, kind=ELEMENTWISE)
 def _hypot(ctx, a, b):
     """``sqrt(a^2 + b^2)`` through the mul, add and sqrt rules (not differentiable where a = b = 0)."""
     sq = [_mul(ctx, u, u) if isinstance(u, Jet) else u * u for u in (a, b)]
@@ -462,10 +504,10 @@ def _fft_rule(op):
 
 
 for _op in (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default):
-    RULES[_op] = _fft_rule(_op)
+    register(_op, _fft_rule(_op), LINEAR)
 
 
-@rule(aten.complex.default)
+@rule(aten.complex.default, kind=ELEMENTWISE)
 def _complex(ctx, re, im):
     """``re + i im`` is real-linear in both parts: coefficients combine the same way (a zero for a constant)."""
     y = torch.complex(P(re), P(im))
@@ -484,9 +526,9 @@ def _real_linear(op):
     return r
 
 
-for _op in (aten.view_as_real.default, aten.view_as_complex.default, aten._conj.default,
-            aten._conj_physical.default):
-    RULES[_op] = _real_linear(_op)
+for _op, _kind in ((aten.view_as_real.default, SHAPE), (aten.view_as_complex.default, SHAPE),
+                  (aten._conj.default, ELEMENTWISE), (aten._conj_physical.default, ELEMENTWISE)):
+    register(_op, _real_linear(_op), _kind)
 
 
 def _view_coef(X: Tensor, pin: Tensor, shape) -> Tensor:
@@ -503,26 +545,26 @@ def _view_coef(X: Tensor, pin: Tensor, shape) -> Tensor:
     return full(X, pin.shape).reshape(n, *shape)
 
 
-@rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+@rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, kind=SHAPE)
 def _view(ctx, x, shape):
     y = x.p.reshape(shape)
     return Jet(y, [None if X is None else _view_coef(X, x.p, y.shape) for X in x.c])
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, kind=SHAPE)
 def _expand(ctx, x, size, implicit=False):
     y = x.p.expand(size)
     return Jet(y, [None if X is None else align(X, y.dim()) for X in x.c])
 
 
-@rule(aten.unsqueeze.default)
+@rule(aten.unsqueeze.default, kind=SHAPE)
 def _unsqueeze(ctx, x, d):
     y = x.p.unsqueeze(d)
     dd = _dim(d, y.dim())
     return Jet(y, [None if X is None else align(X, x.p.dim()).unsqueeze(dd + 1) for X in x.c])
 
 
-@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, kind=SHAPE)
 def _squeeze(ctx, x, dims=None):
     n = x.p.dim()
     if dims is None:
@@ -535,12 +577,12 @@ def _squeeze(ctx, x, dims=None):
                    for X in x.c])
 
 
-@rule(aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default)
+@rule(aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default, kind=SHAPE)
 def _identity(ctx, x, **kwargs):
     return Jet(x.p.clone() if kwargs else x.p, list(x.c))
 
 
-@rule(aten._to_copy.default)
+@rule(aten._to_copy.default, kind=SHAPE)
 def _to_copy(ctx, x, **kwargs):
     y = aten._to_copy.default(x.p, **kwargs)
     if not (y.is_floating_point() or y.is_complex()):  # integer or bool: no derivative
@@ -548,12 +590,12 @@ def _to_copy(ctx, x, **kwargs):
     return Jet(y, [None if X is None else X.to(dtype=y.dtype, device=y.device) for X in x.c])
 
 
-@rule(aten.detach.default)
+@rule(aten.detach.default, kind=SHAPE)
 def _detach(ctx, x):
     return x.p.detach()
 
 
-@rule(aten.slice.Tensor)
+@rule(aten.slice.Tensor, kind=SHAPE)
 def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     n = x.p.dim()
     d = _dim(dim, n)
@@ -568,7 +610,7 @@ def _slice(ctx, x, dim=0, start=None, end=None, step=1):
     return Jet(y, [None if X is None else fc(X) for X in x.c])
 
 
-@rule(aten.select.int)
+@rule(aten.select.int, kind=SHAPE)
 def _select(ctx, x, dim, index):
     n = x.p.dim()
     d = _dim(dim, n)
@@ -581,7 +623,7 @@ def _select(ctx, x, dim, index):
     return Jet(y, [None if X is None else fc(X) for X in x.c])
 
 
-@rule(aten.index_select.default)
+@rule(aten.index_select.default, kind=INDEXING)
 def _index_select(ctx, x, dim, index):
     _require_constant(index)
     n = x.p.dim()
@@ -624,21 +666,21 @@ _slice_scatter_op = _on_real_view(aten.slice_scatter.default)
 _select_scatter_op = _on_real_view(aten.select_scatter.default)
 
 
-@rule(aten.slice_scatter.default)
+@rule(aten.slice_scatter.default, kind=INDEXING)
 def _slice_scatter(ctx, inp, src, dim=0, start=None, end=None, step=1):
     d = _dim(dim, P(inp).dim())
     y = _slice_scatter_op(P(inp), P(src), d, start, end, step)
     return _scatter_like(ctx, inp, src, y, lambda a, b: _slice_scatter_op(a, b, d + 1, start, end, step))
 
 
-@rule(aten.select_scatter.default)
+@rule(aten.select_scatter.default, kind=INDEXING)
 def _select_scatter(ctx, inp, src, dim, index):
     d = _dim(dim, P(inp).dim())
     y = _select_scatter_op(P(inp), P(src), d, index)
     return _scatter_like(ctx, inp, src, y, lambda a, b: _select_scatter_op(a, b, d + 1, index))
 
 
-@rule(aten.index_put.default)
+@rule(aten.index_put.default, kind=INDEXING)
 def _index_put(ctx, inp, indices, values, accumulate=False):
     idx = list(indices)
     _require_constant(*[i for i in idx if i is not None])
@@ -662,7 +704,7 @@ def copy_out_of_place(self, src, non_blocking=False):
     return src.to(dtype=self.dtype, device=self.device).expand(self.shape).clone()
 
 
-@rule(aten.copy.default)
+@rule(aten.copy.default, kind=SHAPE)
 def _copy(ctx, dst, src, non_blocking=False):
     y = copy_out_of_place(P(dst), P(src))
     if not isinstance(src, Jet):
@@ -670,7 +712,7 @@ def _copy(ctx, dst, src, non_blocking=False):
     return Jet(y, [None if X is None else full(X.to(y.dtype), y.shape) for X in src.c])
 
 
-@rule(aten.constant_pad_nd.default)
+@rule(aten.constant_pad_nd.default, kind=SHAPE)
 def _pad(ctx, x, pad, value=0):
     y = aten.constant_pad_nd.default(x.p, pad, value)
     return Jet(y, [None if X is None else aten.constant_pad_nd.default(full(X, x.p.shape), pad, 0.0)
@@ -692,7 +734,7 @@ def _coef_list(ctx, xs, k):
     return out
 
 
-@rule(aten.cat.default)
+@rule(aten.cat.default, kind=SHAPE)
 def _cat(ctx, xs, dim=0):
     ps = [P(a) for a in xs]
     y = torch.cat(ps, dim)
@@ -704,7 +746,7 @@ def _cat(ctx, xs, dim=0):
     return Jet(y, out)
 
 
-@rule(aten.stack.default)
+@rule(aten.stack.default, kind=SHAPE)
 def _stack(ctx, xs, dim=0):
     y = torch.stack([P(a) for a in xs], dim)
     d = _dim(dim, y.dim())
@@ -720,19 +762,19 @@ def _split_like(ctx, x, parts: list[Tensor], fc_split):
     return [Jet(p, [None if c is None else c[i] for c in coefs]) for i, p in enumerate(parts)]
 
 
-@rule(aten.split.Tensor)
+@rule(aten.split.Tensor, kind=SHAPE)
 def _split(ctx, x, size, dim=0):
     d = _dim(dim, x.p.dim())
     return _split_like(ctx, x, list(torch.split(x.p, size, d)), lambda X: torch.split(X, size, d + 1))
 
 
-@rule(aten.split_with_sizes.default)
+@rule(aten.split_with_sizes.default, kind=SHAPE)
 def _split_sizes(ctx, x, sizes, dim=0):
     d = _dim(dim, x.p.dim())
     return _split_like(ctx, x, list(torch.split(x.p, sizes, d)), lambda X: torch.split(X, sizes, d + 1))
 
 
-@rule(aten.unbind.int)
+@rule(aten.unbind.int, kind=SHAPE)
 def _unbind(ctx, x, dim=0):
     d = _dim(dim, x.p.dim())
     return _split_like(ctx, x, list(torch.unbind(x.p, d)), lambda X: torch.unbind(X, d + 1))
@@ -759,14 +801,14 @@ def _sum_coef(X: Tensor, x: Jet, dims: list[int], keepdim: bool) -> Tensor:
     return X.sum([d + 1 for d in dims], keepdim=keepdim)
 
 
-@rule(aten.sum.dim_IntList, aten.sum.default)
+@rule(aten.sum.dim_IntList, aten.sum.default, kind=REDUCTION)
 def _sum(ctx, x, dims=None, keepdim=False, dtype=None):
     ds = _reduce_dims(x, dims)
     y = x.p.sum(ds, keepdim=keepdim, dtype=dtype) if ds else x.p.sum(dtype=dtype)
     return Jet(y, [None if X is None else _sum_coef(X, x, ds, keepdim) for X in x.c])
 
 
-@rule(aten.mean.dim, aten.mean.default)
+@rule(aten.mean.dim, aten.mean.default, kind=REDUCTION)
 def _mean(ctx, x, dims=None, keepdim=False, dtype=None):
     ds = _reduce_dims(x, dims)
     count = 1
@@ -782,7 +824,7 @@ def _real_only(x, what: str) -> None:
         raise Unsupported(f"{what} of a complex tensor")
 
 
-@rule(aten.var.correction)
+@rule(aten.var.correction, kind=REDUCTION)
 def _var(ctx, x, dims=None, correction=None, keepdim=False):
     _real_only(x, "var")
     ds = _reduce_dims(x, dims)
@@ -797,7 +839,7 @@ def _var(ctx, x, dims=None, correction=None, keepdim=False):
     return scale(ctx, s, 1.0 / max(count - corr, 0), s.p / max(count - corr, 0))
 
 
-@rule(aten.var_mean.correction)
+@rule(aten.var_mean.correction, kind=REDUCTION)
 def _var_mean(ctx, x, dims=None, correction=None, keepdim=False):
     """``(var, mean)``, as ``torch.var_mean`` and ``torch.std_mean`` (``sqrt`` of the first) trace to."""
     return _var(ctx, x, dims, correction, keepdim), _mean(ctx, x, dims, keepdim)
@@ -806,7 +848,7 @@ def _var_mean(ctx, x, dims=None, correction=None, keepdim=False):
 # ============================================================================ normalization & softmax
 
 
-@rule(aten.native_layer_norm.default)
+@rule(aten.native_layer_norm.default, kind=NORMALIZATION)
 def _layer_norm(ctx, x, normalized_shape, weight, bias, eps):
     _require_constant(weight, bias)
     x = as_jet(ctx, x)
@@ -824,7 +866,7 @@ def _layer_norm(ctx, x, normalized_shape, weight, bias, eps):
     return out, m, rstd
 
 
-@rule(aten._softmax.default)
+@rule(aten._softmax.default, kind=NORMALIZATION)
 def _softmax(ctx, x, dim, half_to_float=False):
     d = _dim(dim, x.p.dim())
     shift = x.p.amax(d, keepdim=True).detach()
@@ -833,7 +875,7 @@ def _softmax(ctx, x, dim, half_to_float=False):
     return product(ctx, e, _reciprocal(ctx, s), torch.mul)
 
 
-@rule(aten._log_softmax.default)
+@rule(aten._log_softmax.default, kind=NORMALIZATION)
 def _log_softmax(ctx, x, dim, half_to_float=False):
     d = _dim(dim, x.p.dim())
     shift = x.p.amax(d, keepdim=True).detach()
@@ -843,7 +885,7 @@ def _log_softmax(ctx, x, dim, half_to_float=False):
     return add(ctx, Jet(x.p - shift, x.c), ls, x.p - shift - ls.p, -1)
 
 
-@rule(aten.logsumexp.default)
+@rule(aten.logsumexp.default, kind=REDUCTION)
 def _logsumexp(ctx, x, dims, keepdim=False):
     ds = _reduce_dims(x, dims)
     shift = x.p.amax(ds, keepdim=True).detach()
@@ -856,7 +898,7 @@ def _logsumexp(ctx, x, dims, keepdim=False):
     return out
 
 
-@rule(aten.native_batch_norm.default)
+@rule(aten.native_batch_norm.default, kind=NORMALIZATION)
 def _bn(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
     if not training and running_mean is not None:
         return _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps)
@@ -878,7 +920,7 @@ def _bn(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps
     return Jet(y, out.c), save_mean, save_invstd
 
 
-@rule(aten._native_batch_norm_legit_no_training.default)
+@rule(aten._native_batch_norm_legit_no_training.default, kind=NORMALIZATION)
 def _bn_eval(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
     _require_constant(weight, bias, running_mean, running_var)
     shape = [1, -1] + [1] * (x.p.dim() - 2)
@@ -918,10 +960,10 @@ def _batch_leading(op):
 
 for _op in (aten.avg_pool2d.default, aten.avg_pool3d.default, aten._adaptive_avg_pool2d.default,
             aten._adaptive_avg_pool3d.default, aten.upsample_nearest2d.default, aten.upsample_bilinear2d.default):
-    RULES[_op] = _batch_leading(_op)
+    register(_op, _batch_leading(_op), SPATIAL)
 
 
-@rule(aten.max_pool2d_with_indices.default)
+@rule(aten.max_pool2d_with_indices.default, kind=SPATIAL)
 def _max_pool2d(ctx, x, *args):
     y, idx = aten.max_pool2d_with_indices.default(x.p, *args)
 
@@ -953,13 +995,13 @@ def _extremum(which):
     return r
 
 
-RULES[aten.amax.default] = _extremum("max")
-RULES[aten.amin.default] = _extremum("min")
-RULES[aten.max.default] = _extremum("max")  # torch.max(x) over every entry: amax with ties shared
-RULES[aten.min.default] = _extremum("min")
+register(aten.amax.default, _extremum("max"), REDUCTION)
+register(aten.amin.default, _extremum("min"), REDUCTION)
+register(aten.max.default, _extremum("max"), REDUCTION)  # torch.max(x) over every entry: amax with ties shared
+register(aten.min.default, _extremum("min"), REDUCTION)
 
 
-@rule(aten.cumsum.default)
+@rule(aten.cumsum.default, kind=REDUCTION)
 def _cumsum(ctx, x, dim, dtype=None):
     d = _dim(dim, x.p.dim())
     y = torch.cumsum(x.p, d, dtype=dtype)
@@ -984,7 +1026,7 @@ def _prod_along(ctx, x: Jet, d: int) -> Jet:
     return x
 
 
-@rule(aten.prod.dim_int, aten.prod.default)
+@rule(aten.prod.dim_int, aten.prod.default, kind=REDUCTION)
 def _prod(ctx, x, dim=None, keepdim=False, dtype=None):
     """Product over one dim, or over all of them (flattened first), by :func:`_prod_along`."""
     x = _as_dtype(ctx, x, dtype)
@@ -1001,7 +1043,7 @@ def _prod(ctx, x, dim=None, keepdim=False, dtype=None):
     return Jet(y, (out if keepdim else _squeeze(ctx, out, [d])).c)
 
 
-@rule(aten.cumprod.default)
+@rule(aten.cumprod.default, kind=REDUCTION)
 def _cumprod(ctx, x, dim, dtype=None):
     """Inclusive product scan (Hillis-Steele): after the pass with offset ``s`` entry ``i`` holds the product
     of entries ``max(0, i - 2s + 1) .. i``; ``log2(n)`` jet products, exact at zeros (no division)."""
@@ -1021,7 +1063,7 @@ def _cumprod(ctx, x, dim, dtype=None):
     return Jet(y, x.c)
 
 
-@rule(aten.logcumsumexp.default)
+@rule(aten.logcumsumexp.default, kind=REDUCTION)
 def _logcumsumexp(ctx, x, dim):
     """``y_i = log sum_(j<=i) exp(x_j) = y_i + log N_i`` with ``N_i = sum_(j<=i) W_ij exp(x_j - x_j(0))`` and the
     weights ``W_ij = exp(x_j(0) - y_i(0)) <= 1`` (zero for ``j > i``): ``N`` has primal 1, no entry under- or
@@ -1045,7 +1087,7 @@ def _logcumsumexp(ctx, x, dim):
     return compose(ctx, N, y, [(-1.0) ** (k - 1) * math.factorial(k - 1) for k in range(1, ctx.K + 1)])
 
 
-@rule(aten.flip.default)
+@rule(aten.flip.default, kind=SHAPE)
 def _flip(ctx, x, dims):
     n = x.p.dim()
     y = torch.flip(x.p, dims)
@@ -1053,7 +1095,7 @@ def _flip(ctx, x, dims):
                    for X in x.c])
 
 
-@rule(aten.index.Tensor)
+@rule(aten.index.Tensor, kind=INDEXING)
 def _index(ctx, x, indices):
     idx = list(indices)
     _require_constant(*[i for i in idx if i is not None])
@@ -1075,14 +1117,14 @@ def _gather_coefs(x: Jet, d: int, index: Tensor) -> list:
             for X in x.c]
 
 
-@rule(aten.gather.default)
+@rule(aten.gather.default, kind=INDEXING)
 def _gather(ctx, x, dim, index, sparse_grad=False):
     _require_constant(index)
     d = _dim(dim, x.p.dim())
     return Jet(torch.gather(x.p, d, index), _gather_coefs(x, d, index))
 
 
-@rule(aten.native_group_norm.default)
+@rule(aten.native_group_norm.default, kind=NORMALIZATION)
 def _group_norm(ctx, x, weight, bias, N, C, HxW, group, eps):
     _require_constant(weight, bias)
     shape = x.p.shape
@@ -1101,7 +1143,7 @@ def _group_norm(ctx, x, weight, bias, N, C, HxW, group, eps):
     return out, _squeeze(ctx, m, [2]), _squeeze(ctx, rstd, [2])
 
 
-@rule(aten.linalg_vector_norm.default)
+@rule(aten.linalg_vector_norm.default, kind=REDUCTION)
 def _vector_norm(ctx, x, ord=2, dim=None, keepdim=False, dtype=None):
     """``(sum |x|^p)^(1/p)`` (``p = 2``: ``sqrt(sum x^2)``, no absolute value); ``p = +-inf``: the largest /
     smallest ``|x|`` (ties share the derivative); ``p = 0``, the count of nonzeros, is a constant."""
@@ -1144,9 +1186,10 @@ def _constant_result(op):
 
 for _op in (aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
             aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
-            aten.new_full.default, aten.new_empty.default, aten.sign.default, aten.floor.default,
-            aten.ceil.default, aten.round.default, aten.trunc.default, aten.fill.Scalar, aten.zero.default):
-    RULES[_op] = _constant_result(_op)
+            aten.new_full.default, aten.new_empty.default, aten.fill.Scalar, aten.zero.default):
+    register(_op, _constant_result(_op), CONSTANT)
+for _op in (aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.trunc.default):
+    register(_op, _constant_result(_op), ELEMENTWISE)  # piecewise constant: derivatives 0, values per entry
 
 
 # ============================================================================ scatters, windows, selections
@@ -1196,13 +1239,13 @@ def _scatter_extremum(ctx, inp, dim, index, src, reduce, include_self=True):
         d + 1, _scatter_index(index, a.shape[0]), b * ws))
 
 
-RULES[aten.scatter.src] = _scatter_rule(aten.scatter.src)
-RULES[aten.scatter.value] = _scatter_rule(aten.scatter.value)
-RULES[aten.scatter_add.default] = _scatter_rule(aten.scatter_add.default)
-RULES[aten.scatter_reduce.two] = _scatter_rule(aten.scatter_reduce.two, reduce_pos=0)
+register(aten.scatter.src, _scatter_rule(aten.scatter.src), INDEXING)
+register(aten.scatter.value, _scatter_rule(aten.scatter.value), INDEXING)
+register(aten.scatter_add.default, _scatter_rule(aten.scatter_add.default), INDEXING)
+register(aten.scatter_reduce.two, _scatter_rule(aten.scatter_reduce.two, reduce_pos=0), INDEXING)
 
 
-@rule(aten.unfold.default)
+@rule(aten.unfold.default, kind=SHAPE)
 def _unfold(ctx, x, dim, size, step):
     """Sliding windows along ``dim`` (a view): the same windows of each coefficient."""
     d = _dim(dim, x.p.dim())
@@ -1232,21 +1275,21 @@ def _values_rule(op, dim_pos, keepdim_pos=None):
     return r
 
 
-RULES[aten.sort.default] = _values_rule(aten.sort.default, 0)
-RULES[aten.sort.stable] = _values_rule(aten.sort.stable, None)  # dim is keyword-only
-RULES[aten.topk.default] = _values_rule(aten.topk.default, 1)
-RULES[aten.kthvalue.default] = _values_rule(aten.kthvalue.default, 1, 2)
-RULES[aten.median.dim] = _values_rule(aten.median.dim, 0, 1)
-RULES[aten.nanmedian.dim] = _values_rule(aten.nanmedian.dim, 0, 1)
-RULES[aten.mode.default] = _values_rule(aten.mode.default, 0, 1)
-RULES[aten.max.dim] = _values_rule(aten.max.dim, 0, 1)  # torch.max(x, dim): the winner's coefficients
-RULES[aten.min.dim] = _values_rule(aten.min.dim, 0, 1)
-RULES[aten.cummax.default] = _values_rule(aten.cummax.default, 0)
-RULES[aten.cummin.default] = _values_rule(aten.cummin.default, 0)
-RULES[aten.upsample_bicubic2d.default] = _batch_leading(aten.upsample_bicubic2d.default)
+register(aten.sort.default, _values_rule(aten.sort.default, 0), SELECTION)
+register(aten.sort.stable, _values_rule(aten.sort.stable, None), SELECTION)  # dim is keyword-only
+register(aten.topk.default, _values_rule(aten.topk.default, 1), SELECTION)
+register(aten.kthvalue.default, _values_rule(aten.kthvalue.default, 1, 2), SELECTION)
+register(aten.median.dim, _values_rule(aten.median.dim, 0, 1), SELECTION)
+register(aten.nanmedian.dim, _values_rule(aten.nanmedian.dim, 0, 1), SELECTION)
+register(aten.mode.default, _values_rule(aten.mode.default, 0, 1), SELECTION)
+register(aten.max.dim, _values_rule(aten.max.dim, 0, 1), SELECTION)  # torch.max(x, dim): the winner's coefficients
+register(aten.min.dim, _values_rule(aten.min.dim, 0, 1), SELECTION)
+register(aten.cummax.default, _values_rule(aten.cummax.default, 0), SELECTION)
+register(aten.cummin.default, _values_rule(aten.cummin.default, 0), SELECTION)
+register(aten.upsample_bicubic2d.default, _batch_leading(aten.upsample_bicubic2d.default), SPATIAL)
 
 
-@rule(aten._trilinear.default)
+@rule(aten._trilinear.default, kind=LINEAR)
 def _trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
     """``sum_sumdim(u1 * u2 * u3)``, ``u_j`` = input ``j`` unsqueezed at ``expand_j``: two elementwise jet products."""
     us = []
@@ -1288,7 +1331,7 @@ def _logdet_increment(ctx, A: Jet, Y0: Tensor) -> Jet:
     return S
 
 
-@rule(aten._linalg_slogdet.default)
+@rule(aten._linalg_slogdet.default, kind=LINALG)
 def _linalg_slogdet(ctx, A):
     """``log|det A| = log|det A(0)| + log det(I + A(0)^-1 dA)`` (:func:`_logdet_increment`); the sign is constant."""
     sign, logabs, LU, pivots = aten._linalg_slogdet.default(A.p)
@@ -1296,7 +1339,7 @@ def _linalg_slogdet(ctx, A):
     return sign, Jet(logabs, S.c), LU, pivots
 
 
-@rule(aten._linalg_det.default)
+@rule(aten._linalg_det.default, kind=LINALG)
 def _linalg_det(ctx, A):
     """``det A = det A(0) exp(log det(I + A(0)^-1 dA))``: ``exp`` composed at 0 (every derivative 1)."""
     det, LU, pivots = aten._linalg_det.default(A.p)
@@ -1305,7 +1348,7 @@ def _linalg_det(ctx, A):
     return scale(ctx, E, det, det), LU, pivots
 
 
-@rule(aten._linalg_solve_ex.default)
+@rule(aten._linalg_solve_ex.default, kind=LINALG)
 def _linalg_solve(ctx, A, B, left=True, check_errors=False):
     """``X = A^-1 B``: ``A(0) X = B - dA X`` is the fixed point ``X = X0 + Y0 dB + L X``, ``L = -Y0 dA`` (zero
     primal), ``Y0 = A(0)^-1``; as for :func:`_linalg_inv`, ``K`` passes make every order exact. ``left=False``
@@ -1336,3 +1379,29 @@ def _linalg_solve(ctx, A, B, left=True, check_errors=False):
     elif not left:
         X = _transpose(ctx, X, -2, -1)
     return Jet(X0, [None if c is None else align(c, X0.dim()) for c in X.c]), LU, pivots, info
+
+
+# ============================================================================ kinds of ops without a rule of their own
+
+# Pointwise families: every overload (Scalar variants, the ones without a rule, the ones ATen does not tag
+# pointwise) computes entry i from entry i of its broadcast arguments. The batch check reads this.
+declare(ELEMENTWISE, *(getattr(aten, _name) for _name in (
+    "add", "sub", "rsub", "mul", "div", "neg", "pow", "where", "maximum", "minimum", "clamp", "clamp_min",
+    "clamp_max", "complex", "atan2", "hypot", "fmod", "remainder", "copysign", "xlogy", "logaddexp", "fmax", "fmin",
+    "floor_divide", "heaviside", "lerp", "addcmul", "addcdiv", "masked_fill", "sign", "sgn", "floor", "ceil", "round",
+    "trunc", "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_xor", "logical_not",
+    "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "bitwise_left_shift", "bitwise_right_shift",
+    "__lshift__", "__rshift__", "tanh", "sigmoid", "exp", "expm1", "log", "log1p", "sin", "cos", "sinh", "cosh",
+    "sqrt", "rsqrt", "reciprocal", "erf", "erfc", "atan", "tan", "asin", "acos", "asinh", "acosh", "atanh", "log2",
+    "log10", "exp2", "square", "silu", "relu", "abs", "softplus", "leaky_relu", "hardtanh", "elu", "celu", "selu",
+    "gelu", "mish", "hardswish", "hardsigmoid", "logit",
+)))
+
+# results whose values do not depend on the values of the arguments (their shapes, dtypes and devices only)
+declare(CONSTANT, *(getattr(aten, _name) for _name in (
+    "new_zeros", "new_ones", "new_full", "new_empty", "new_empty_strided", "zeros_like", "ones_like", "full_like",
+    "empty_like", "rand_like", "randn_like", "randint_like", "zero", "sym_size", "sym_numel", "sym_stride",
+    "_local_scalar_dense",
+)))
+declare(CONSTANT, aten.fill.Scalar)
+declare(ELEMENTWISE, aten.fill.Tensor)  # a 0-dim value broadcast to the argument's shape

@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from . import _cache
 from ._cache import captured, check_output, derivative_graph, register_fast
 from ._capture import TraceError
 from ._fallback import Combo, traced_fallback
@@ -113,6 +114,8 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
     check_output(fname, res[0], x, batched)
     if fast_key is not None:
         register_fast(f, fast_key, lambda x: assemble(*extract(x)), entry)
+    elif _cache.RECORD is not None:  # the torch.compile path asks which graph serves this request
+        _cache.RECORD.append(((fname,), lambda x: assemble(*extract(x)), entry))
     return assemble(*res)
 
 

@@ -204,11 +204,12 @@ def _stats() -> dict:
 
 def _method(net, x: Tensor, spec) -> str:
     """How to serve a step's recorded partials: a ``method=`` of :func:`torchderiv.partials` (``"forward"``,
-    Taylor mode, one generated pass) or ``"passthrough"`` (every request by DeepXDE's own implementation).
+    Taylor mode, one generated pass; ``"autograd"``, nested reverse passes reused across the step, DeepXDE's
+    own idea in one call) or ``"passthrough"`` (every request by DeepXDE's own implementation).
 
-    The one place for the speed policy: today always Taylor mode; a calibrated chooser (Taylor, torchderiv's
-    autograd method or pass-through, whichever is fastest for this net, batch and spec) plugs in here."""
-    return "forward"
+    The one place for the speed policy: what ``method="auto"`` of :func:`torchderiv.partials` picks for this
+    net, batch and spec under the current grad mode (the calibrated cost model, no timing)."""
+    return torchderiv.choose_method("partials", net, x, spec=list(spec))
 
 
 class _Untraceable(RuntimeError):

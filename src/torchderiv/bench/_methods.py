@@ -102,7 +102,7 @@ def td_op(op: str, method: str | None = None, spec=None, coords=None, **options)
         kw = dict(options) if method is None else {"method": method, **options}
         if op == "partials":
             keys = spec if spec is not None else s.extra["spec"]
-            return lambda: _detach(*torchderiv.partials(f, x, keys, coords=coords).values())
+            return lambda: _detach(*torchderiv.partials(f, x, keys, coords=coords, **kw).values())
         fn = getattr(torchderiv, op)
         return lambda: _detach(fn(f, x, **kw))
 
@@ -384,12 +384,13 @@ def ag_biharmonic(s: Setup) -> Runner:
 
 def torchderiv_methods(op: str) -> list[tuple[str, Builder]]:
     if op == "partials":
-        return [("torchderiv.partials", td_op("partials"))]
+        return [("torchderiv.partials", td_op("partials")),
+                ("torchderiv.partials (autograd)", td_op("partials", "autograd"))]
     out = [(f"torchderiv.{op}", td_op(op))]
     if op in ("jacobian", "jacobian_diagonal", "hessian", "laplacian", "divergence"):
         out = [(f"torchderiv.{op} (forward)", td_op(op, "forward")),
                (f"torchderiv.{op} (reverse)", td_op(op, "reverse"))]
-    return out
+    return out + [(f"torchderiv.{op} (autograd)", td_op(op, "autograd"))]
 
 
 def _diag_of(build: Builder, reduce: bool) -> Builder:

@@ -365,6 +365,10 @@ def build_registry() -> None:
          Method("autograd.grad loop over outputs", M.ag_jacobian)],
         baseline="autograd.grad loop over outputs", reference="vmap(jacrev)", op="jacobian", hidden=True))
 
+    from ._training import register_training
+
+    register_training(register, Scenario, Method)
+
 
 def _random_scenarios() -> None:
     """Issue 14: randomized (stochastic Taylor) Laplacian and divergence against the exact operators."""
