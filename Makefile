@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench bench-full test lint venv clean
+.PHONY: bench bench-full test test-fast lint venv clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ bench-full: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples
 
+# everything (what CI runs), two worker processes of one thread each (tests/conftest.py)
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
+
+# everything not marked slow: for iterating
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache

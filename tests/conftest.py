@@ -1,43 +1,57 @@
-"""Shared fixtures and helpers: the model zoo and independent torch.func reference derivatives.
+"""Shared fixtures and reference helpers; the zoo harness itself (case type, reference cache, closeness check)
+lives in ``_harness.py``.
 
-References are computed per sample with nested reverse mode (``vmap`` of ``jacrev`` applied ``k`` times),
-never with forward-over-forward (``jacfwd(jacfwd)`` is wrong through ``layer_norm`` in torch 2.13). Models
-with LayerNorm carry a twin ``ref`` callable that uses a manual decomposition of LayerNorm with the very
-same parameters, because nested ``jacrev`` through ``F.layer_norm`` is wrong at order >= 3.
+Every reference runs through :class:`_harness.PrimitiveTwin` (``layer_norm``, ``prod`` and ``cumprod`` written
+out from primitives): torch's own nested autograd through those ops is wrong at order >= 3 (``layer_norm``) or
+divides by the input (``prod`` / ``cumprod`` backward). Models with a ``reference`` method use it instead of
+themselves (a hand-written twin with the same parameters).
 
-Orders 1-2 are taken w.r.t. only the input coordinates a request names (the function is restricted to
-those coordinates). Orders 3-4 use the classic nested ``torch.autograd.grad(create_graph=True)`` loop, which
-is far cheaper than nested ``jacrev`` through attention / convolutions; test_zoo.py cross-checks the two.
+Fixtures here: one thread per process (xdist runs the processes side by side), a fixed global seed and a
+fresh :class:`torchderiv.FallbackWarning` memory for every test (pytest turns that warning into an error:
+a test that expects a fallback says so with ``pytest.warns``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jacrev, vmap
+from torch.func import jacrev
 
-DTYPE = torch.float64
-ATOL = 1e-8
-RTOL = 1e-6
+import torchderiv
+from _harness import ATOL, DTYPE, RTOL, Case, close, disable_engine, partials, restricted, twin, value
+
+torch.set_num_threads(1)  # the only thread setting of the suite: one per worker process
 
 
-# ----------------------------------------------------------------------------- comparison
+def pytest_addoption(parser):
+    parser.addoption("--engine-disabled", action="store_true", default=False,
+                     help="patch torchderiv's capture to raise TraceError: every call goes through the torch.func "
+                          "fallback (the suite must then fail broadly; see test_harness.py)")
+
+
+def pytest_configure(config):
+    if config.getoption("--engine-disabled"):
+        assert disable_engine(setattr) > 0, "--engine-disabled found no capture function to patch"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """A fixed global seed and a fresh fallback-warning memory for every test."""
+    torch.manual_seed(0)
+    torchderiv.reset_fallback_warnings()
+    yield
+
+
+# ----------------------------------------------------------------------------- comparison and references
 
 
 def assert_close(actual, expected, atol: float = ATOL, rtol: float = RTOL, msg: str = "") -> None:
-    assert isinstance(actual, torch.Tensor), f"{msg}: expected a tensor, got {type(actual)}"
-    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
-
-
-# ----------------------------------------------------------------------------- references
+    close(actual, expected, msg, atol, rtol)
 
 
 def in_shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -48,74 +62,37 @@ def n_in(x: torch.Tensor) -> int:
     return math.prod(in_shape(x))
 
 
-def per_sample(f: Callable) -> Callable:
-    return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
-
-
-def nested_jacrev(g: Callable, k: int) -> Callable:
-    for _ in range(k):
-        g = jacrev(g)
-    return g
-
-
 def ref_restricted(f: Callable, x: torch.Tensor, coords: Sequence[int], k: int) -> torch.Tensor:
-    """Order-``k`` derivatives of ``f`` per sample w.r.t. the flattened input coordinates ``coords`` only.
-
-    Returns ``[B, *out, m, ..., m]`` (``k`` trailing axes of size ``m = len(coords)``)."""
-    ins = in_shape(x)
-    n = math.prod(ins)
-    coords = list(coords)
-    E = torch.eye(n, dtype=x.dtype, device=x.device)[:, coords]  # [n, m]
-    idx = torch.tensor(coords, dtype=torch.long, device=x.device)
-
-    def per_component(o):
-        def one(xi):
-            flat = xi.reshape(-1)
-            z0 = flat.index_select(0, idx)
-
-            def g(z):
-                y = f((flat + E @ (z - z0)).reshape(1, *ins)).squeeze(0)
-                return y if o is None else y.reshape(-1)[o]
-
-            return nested_jacrev(g, k)(z0)
-
-        return vmap(one)(x)
-
-    if k < 3:
-        return per_component(None)
-    # order >= 3: one scalar output component at a time (nested jacrev over vector outputs blows up memory
-    # through bmm / softmax)
-    out_shape = ref_value(f, x[:1]).shape[1:]
-    R = torch.stack([per_component(o) for o in range(math.prod(out_shape))], 1)
-    return R.reshape(x.shape[0], *out_shape, *R.shape[2:])
+    """Order-``k`` derivatives of ``f`` per sample w.r.t. the flattened input coordinates ``coords`` only:
+    ``[B, *out, m, ..., m]``."""
+    return restricted(f, x, k, coords)
 
 
 def ref_value(f: Callable, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return f(x)
+    return value(f, x)
 
 
 def ref_jacobian(f: Callable, x: torch.Tensor) -> torch.Tensor:
     """``[B, *out, *in]``."""
-    J = ref_restricted(f, x, range(n_in(x)), 1)
+    J = restricted(f, x, 1)
     return J.reshape(*J.shape[:-1], *in_shape(x))
 
 
 def ref_hessian(f: Callable, x: torch.Tensor) -> torch.Tensor:
     """``[B, *out, *in, *in]``."""
-    H = ref_restricted(f, x, range(n_in(x)), 2)
+    H = restricted(f, x, 2)
     return H.reshape(*H.shape[:-2], *in_shape(x), *in_shape(x))
 
 
 def ref_partials_autograd(f: Callable, x: torch.Tensor, spec: Sequence[tuple[int, ...]]) -> dict:
-    """Partials by the classic nested ``torch.autograd.grad(create_graph=True)`` loop, shared prefixes reused.
+    """Partials by the classic nested ``torch.autograd.grad(create_graph=True)`` loop of the twin of ``f``, shared
+    prefixes reused: a second reference, independent of vmap / jacrev, cross-checked in test_zoo.py.
 
-    Differentiates ``sum_b y[b, o]``: per-sample derivatives because the rows of ``f`` do not interact (the
-    batched contract). Much cheaper than nested ``jacrev`` at orders 3-4 on attention / conv nets."""
+    Differentiates ``sum_b y[b, o]``: per-sample derivatives because the rows of ``f`` do not interact."""
     B = x.shape[0]
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        y = f(x)
+        y = twin(f)(x)
         out_shape = y.shape[1:]
         yf = y.reshape(B, -1)
         memo: dict = {}
@@ -136,49 +113,23 @@ def ref_partials_autograd(f: Callable, x: torch.Tensor, spec: Sequence[tuple[int
 
 
 def ref_partials(f: Callable, x: torch.Tensor, spec: Sequence[tuple[int, ...]]) -> dict:
-    """Reference for ``torchderiv.partials`` with tuple specs: one dict entry ``[B, *out]`` per key.
-
-    Orders <= 2 by ``vmap`` of nested ``jacrev`` (one call per order over the coordinates used), orders >= 3
-    by :func:`ref_partials_autograd` (the two are cross-checked in test_zoo.py)."""
-    out = {}
-    by_order: dict[int, list] = {}
-    for key in spec:
-        by_order.setdefault(len(key), []).append(key)
-    for k, keys in by_order.items():
-        if k == 0:
-            for key in keys:
-                out[key] = ref_value(f, x)
-        elif k <= 2:
-            coords = sorted({i for key in keys for i in key})
-            pos = {c: i for i, c in enumerate(coords)}
-            T = ref_restricted(f, x, coords, k)
-            for key in keys:
-                out[key] = T[(..., *[pos[i] for i in key])]
-        else:
-            out.update(ref_partials_autograd(f, x, keys))
-    return {key: out[key] for key in spec}
+    """Reference for ``torchderiv.partials`` with tuple specs: one dict entry ``[B, *out]`` per key."""
+    return partials(f, x, spec)
 
 
 def ref_laplacian(f: Callable, x: torch.Tensor, dims=None, weights=None) -> torch.Tensor:
-    n = n_in(x)
-    dims = list(range(n)) if dims is None else list(dims)
-    H = ref_restricted(f, x, dims, 2)  # [B, *out, m, m]
+    dims = list(range(n_in(x))) if dims is None else list(dims)
+    H = restricted(f, x, 2, dims)  # [B, *out, m, m]
     if weights is None:
         return H.diagonal(dim1=-2, dim2=-1).sum(-1)
-    C = torch.as_tensor(weights, dtype=H.dtype)
-    return (H * C).sum((-2, -1))
+    return (H * torch.as_tensor(weights, dtype=H.dtype)).sum((-2, -1))
 
 
 def ref_biharmonic(f: Callable, x: torch.Tensor, dims=None) -> torch.Tensor:
-    n = n_in(x)
-    dims = list(range(n)) if dims is None else list(dims)
+    dims = list(range(n_in(x))) if dims is None else list(dims)
     keys = [(i, i, j, j) for i in dims for j in dims]
     P = ref_partials_autograd(f, x, keys)
     return sum(P[k] for k in keys)
-
-
-def ref_jacobian_unbatched(f: Callable, x: torch.Tensor) -> torch.Tensor:
-    return jacrev(f)(x)
 
 
 def fd_derivative(g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, coord: int, h: float = 1e-4):
@@ -187,6 +138,10 @@ def fd_derivative(g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, co
     e[:, coord] = 1.0
     e = e.reshape(x.shape)
     return (-g(x + 2 * h * e) + 8 * g(x + h * e) - 8 * g(x - h * e) + g(x - 2 * h * e)) / (12 * h)
+
+
+def ref_jacobian_unbatched(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    return jacrev(twin(f))(x)
 
 
 # ----------------------------------------------------------------------------- the zoo
@@ -335,62 +290,28 @@ class SigExpSqrt(nn.Module):
         return self.out(torch.sigmoid(h) * torch.exp(-0.5 * h**2) + torch.sqrt(1 + h**2))
 
 
-@dataclass
-class ZooCase:
-    name: str
-    factory: Callable[[], nn.Module]
-    in_shape: tuple[int, ...]
-    batch: int = 3
-    scale: float = 0.8
-    heavy: bool = False  # wide input: biharmonic and full order-4 checks restricted to a few coordinates
-    lap_dims: list[int] = field(default_factory=lambda: [0, 1])
-
-    def build(self, seed: int = 0):
-        torch.manual_seed(1000 + seed)
-        model = self.factory().to(DTYPE).eval()
-        g = torch.Generator().manual_seed(2000 + seed)
-        x = self.scale * torch.randn(self.batch, *self.in_shape, dtype=DTYPE, generator=g)
-        ref = model.reference if hasattr(model, "reference") else model
-        return model, ref, x
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.in_shape)
-
-
-ZOO: list[ZooCase] = [
-    ZooCase("tanh_mlp", lambda: mlp([3, 12, 12, 2], nn.Tanh), (3,)),
-    ZooCase("siren", lambda: mlp([2, 16, 16, 1], lambda: Sin(2.0)), (2,)),
-    ZooCase("gelu_mlp", lambda: nn.Sequential(nn.Linear(3, 12), nn.GELU(), nn.Linear(12, 12),
-                                              nn.GELU(approximate="tanh"), nn.Linear(12, 3)), (3,)),
-    ZooCase("silu_softplus_mlp", lambda: nn.Sequential(nn.Linear(2, 12), nn.SiLU(), nn.Linear(12, 12),
-                                                       nn.Softplus(), nn.Linear(12, 2)), (2,)),
-    ZooCase("residual_layernorm", ResidualLN, (3,)),
-    ZooCase("fourier_features", FourierNet, (2,)),
-    ZooCase("attention", Attention, (3, 3), heavy=True, lap_dims=[0, 4, 8]),
-    ZooCase("conv1d", Conv1dNet, (2, 4), heavy=True, lap_dims=[1, 6]),
-    ZooCase("conv2d", Conv2dNet, (1, 3, 3), heavy=True, lap_dims=[0, 4, 8]),
-    ZooCase("pointwise", Pointwise, (2, 2), lap_dims=[1, 3]),
-    ZooCase("multi_output", MultiOutput, (2,)),
-    ZooCase("rational_log", RationalLog, (2,)),
-    ZooCase("sigmoid_exp_sqrt", SigExpSqrt, (3,)),
+ZOO: list[Case] = [
+    Case("tanh_mlp", lambda: mlp([3, 12, 12, 2], nn.Tanh), (3,), dims=[0, 1]),
+    Case("siren", lambda: mlp([2, 16, 16, 1], lambda: Sin(2.0)), (2,), dims=[0, 1]),
+    Case("gelu_mlp", lambda: nn.Sequential(nn.Linear(3, 12), nn.GELU(), nn.Linear(12, 12),
+                                              nn.GELU(approximate="tanh"), nn.Linear(12, 3)), (3,), dims=[0, 1]),
+    Case("silu_softplus_mlp", lambda: nn.Sequential(nn.Linear(2, 12), nn.SiLU(), nn.Linear(12, 12),
+                                                       nn.Softplus(), nn.Linear(12, 2)), (2,), dims=[0, 1]),
+    Case("residual_layernorm", ResidualLN, (3,), dims=[0, 1]),
+    Case("fourier_features", FourierNet, (2,), dims=[0, 1]),
+    Case("attention", Attention, (3, 3), heavy=True, dims=[0, 4, 8]),
+    Case("conv1d", Conv1dNet, (2, 4), heavy=True, dims=[1, 6]),
+    Case("conv2d", Conv2dNet, (1, 3, 3), heavy=True, dims=[0, 4, 8]),
+    Case("pointwise", Pointwise, (2, 2), dims=[1, 3]),
+    Case("multi_output", MultiOutput, (2,), dims=[0, 1]),
+    Case("rational_log", RationalLog, (2,), dims=[0, 1]),
+    Case("sigmoid_exp_sqrt", SigExpSqrt, (3,), dims=[0, 1]),
 ]
 ZOO_IDS = [c.name for c in ZOO]
 ZOO_BY_NAME = {c.name: c for c in ZOO}
-
-
-@pytest.fixture(params=ZOO, ids=ZOO_IDS)
-def zoo_case(request) -> ZooCase:
-    return request.param
 
 
 @pytest.fixture
 def tanh_mlp():
     torch.manual_seed(0)
     return mlp([2, 16, 16, 3], nn.Tanh).to(DTYPE)
-
-
-@pytest.fixture(autouse=True)
-def _fixed_seed():
-    torch.manual_seed(0)
-    yield

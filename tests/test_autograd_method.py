@@ -72,7 +72,7 @@ def test_hessian_diagonal(case):
 @zoo
 def test_laplacian(case):
     model, ref, x = case.build()
-    dims = case.lap_dims
+    dims = case.dims
     assert_close(td.laplacian(model, x, dims=dims, method="autograd"), ref_laplacian(ref, x, dims), msg=case.name)
     g = torch.Generator().manual_seed(5)
     C = torch.randn(len(dims), len(dims), dtype=DTYPE, generator=g)
@@ -96,8 +96,8 @@ def test_partials_mixed_orders(case):
 @light_zoo
 def test_biharmonic(case):
     model, ref, x = case.build()
-    assert_close(td.biharmonic(model, x, dims=case.lap_dims, method="autograd"),
-                 ref_biharmonic(ref, x, case.lap_dims), msg=case.name)
+    assert_close(td.biharmonic(model, x, dims=case.dims, method="autograd"),
+                 ref_biharmonic(ref, x, case.dims), msg=case.name)
 
 
 def test_unbatched_and_named_coords():

@@ -87,7 +87,7 @@ def _corpus() -> list:
         model, _, x = c.build()
         out.append((f"unseen-{c.name}", model, x, True))
     for fam in families.FAMS:
-        model, x = fam.build()
+        model, _, x = fam.build()
         out.append((f"family-{fam.name}", model, x, True))
     for c in more.CASES:
         model, _, x = more.build(c)

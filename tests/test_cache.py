@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-import warnings
 import weakref
 
 import pytest
@@ -22,6 +21,7 @@ from conftest import (
     ref_laplacian,
     ref_partials,
 )
+from torchderiv._cache import _PER_F
 
 DT = torch.float64
 
@@ -403,9 +403,7 @@ def test_bound_method_takes_the_fast_path():
     """``model.forward`` / another method as f is traced like the module (no fallback warning)."""
     net = make_mlp()
     x = _x(3, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        J = td.jacobian(net.forward, x, method="forward")
+    J = td.jacobian(net.forward, x, method="forward")  # a FallbackWarning is an error in this suite
     assert_close(J, ref_jacobian(net, x))
 
 
@@ -425,7 +423,8 @@ def test_cache_bounded_per_function():
     for B in range(1, 45):
         td.jacobian(net, _x(B, 2, seed=B), method="forward")
     assert td.cache_info()["owners"] == 1
-    assert td.cache_info()["entries"] <= 64
+    # 44 shapes, each a captured graph and a derivative graph: the slot is full and held at its bound
+    assert td.cache_info()["entries"] == _PER_F
     x = _x(7, 2, seed=99)
     assert_close(td.jacobian(net, x), ref_jacobian(net, x))
 

@@ -32,6 +32,7 @@ def test_version(capsys):
     assert torchderiv.__version__ in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_python_dash_m_entry_point():
     p = subprocess.run([sys.executable, "-m", "torchderiv", "--version"], capture_output=True, text=True,
                        timeout=120)
@@ -191,6 +192,7 @@ def test_compare():
     assert compare((torch.ones(2, 2),), r, 1e-3)[2]  # a sub-batch against the reference's first rows
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_memory_probe_subprocess():
     peak, how = probe_memory_subprocess({"scenario": "tiny-mlp", "method": "vmap(jacrev)"}, timeout=120)
     assert peak is not None and peak >= 0, how
@@ -206,6 +208,7 @@ def test_device_auto_resolves_to_what_torch_sees(monkeypatch):
     assert resolve_device("cpu") == "cpu"
 
 
+@pytest.mark.slow  # inductor: compiles C++ kernels
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler for inductor on CPU")
 def test_compiled_pinn_step_agrees_and_skips_memory(monkeypatch, tmp_path, capsys):
     """The pinn-poisson scenario's torch.compile row: same Laplacian and parameter gradients as the autograd

@@ -4,13 +4,13 @@ import doctest
 from pathlib import Path
 
 import torchderiv
-from torchderiv import _api, _coverage, _dispatch
+from torchderiv import _api, _coverage, _dispatch, _warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_docstring_examples_run():
-    for mod, at_least in ((_api, 8), (_dispatch, 1)):
+    for mod, at_least in ((_api, 8), (_dispatch, 1), (_warnings, 1)):
         result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.attempted >= at_least, mod.__name__
         assert result.failed == 0, mod.__name__

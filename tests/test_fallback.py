@@ -50,7 +50,7 @@ def test_partials_and_collapsed_combos(name):
     case = ZOO_BY_NAME[name]
     model, ref, x = case.build()
     spec = mixed_spec(case.n)
-    dims = case.lap_dims
+    dims = case.dims
     a, b = dims[0], dims[-1]
     combos = [[((i, i), 1.0) for i in dims], [((a, b), 2.5), ((b, b, b), -0.5), ((), 3.0)]]
     P = ref_partials(ref, x, [(a, b), (b, b, b)])
@@ -63,7 +63,7 @@ def test_biharmonic_along_directions(name):
     """Univariate Taylor requests: fourth derivatives along the sparse directions e_i +- e_j, collapsed."""
     case = ZOO_BY_NAME[name]
     model, ref, x = case.build()
-    dims = case.lap_dims
+    dims = case.dims
     directions, combo = biharmonic_directions(dims)
     y, parts, sums = fallback_partials("biharmonic", model, x, [(0, 0), ()], [combo], True, directions=directions)
     assert_close(sums[0].detach(), ref_biharmonic(ref, x, dims=dims))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -9,6 +10,8 @@ from torch import nn
 
 import torchderiv as td
 from conftest import assert_close, ref_hessian, ref_jacobian, ref_laplacian, ref_partials
+
+pytestmark = pytest.mark.slow  # property tests: dozens of generated networks each
 
 DT = torch.float64
 

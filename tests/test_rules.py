@@ -10,7 +10,6 @@ whose Taylor coefficients are still batch-broadcast (right after ``x @ W``) and 
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from torch import nn
 
 import torchderiv as td
 from conftest import assert_close, ref_partials
-from torchderiv import _build
 from torchderiv._capture import capture
 from torchderiv._rules import RULES
 
@@ -30,11 +28,19 @@ aten = torch.ops.aten
 DT = torch.float64
 B = 3
 
-_G = torch.Generator().manual_seed(1234)
+_PARAMS = torch.Generator().manual_seed(1234)  # the fixed parameters below, drawn once, in order, at import
+_IMPORTED = False
 
 
-def rnd(*shape, lo=-1.0, hi=1.0):
-    return lo + (hi - lo) * torch.rand(*shape, dtype=DT, generator=_G)
+def rnd(*shape, lo=-1.0, hi=1.0, seed: int | None = None):
+    """Uniform on [lo, hi): module parameters at import (``seed=None``), inputs of a test from its own ``seed``
+    (so that a test's x does not depend on which tests ran before it)."""
+    if seed is None:
+        assert not _IMPORTED, "a test draws its inputs from its own seed: rnd(..., seed=N)"
+        g = _PARAMS
+    else:
+        g = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(*shape, dtype=DT, generator=g)
 
 
 # fixed parameters shared by the cases (n = 3 inputs -> width 6)
@@ -733,9 +739,7 @@ def test_rule(c: Case):
     assert not missing, f"{c.name}: {missing} not in the captured graph {sorted(map(str, ops))}"
     n = math.prod(c.in_shape)
     spec = spec_for(n, c.max_order)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no fallback warning: the rule itself is used
-        got = td.partials(c.fn, x, spec, batched=c.batched)
+    got = td.partials(c.fn, x, spec, batched=c.batched)  # a FallbackWarning is an error: the rule itself is used
     expected = _reference(c, x, spec)
     for key in spec:
         assert_close(got[key], expected[key], atol=c.atol, rtol=c.rtol, msg=f"{c.name} partial {key}")
@@ -781,9 +785,7 @@ def _partials_without_fallback(f, ref, x):
     """All partials of orders 0..4 of ``f`` (no generic-fallback warning allowed) and of ``ref`` by nested
     reverse mode."""
     spec = spec_for(3, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        got = td.partials(f, x, spec)
+    got = td.partials(f, x, spec)  # a FallbackWarning is an error in this suite
     return got, ref_partials(ref, x, spec)
 
 
@@ -796,7 +798,7 @@ def test_products_at_zero_entries(op, zeros):
         f, ref = (lambda x: _with_zeros(x, zeros).prod(-1)), (lambda x: _chain_cumprod(_with_zeros(x, zeros))[:, -1])
     else:
         f, ref = (lambda x: _with_zeros(x, zeros).cumprod(-1)), (lambda x: _chain_cumprod(_with_zeros(x, zeros)))
-    got, expected = _partials_without_fallback(f, ref, rnd(B, 3))
+    got, expected = _partials_without_fallback(f, ref, rnd(B, 3, seed=10 * zeros + (op == "prod")))
     assert (got[()] == 0).all()
     assert any(v.abs().max() > 1e-3 for key, v in expected.items() if len(key) == zeros)  # a nontrivial check
     for key in got:
@@ -834,10 +836,9 @@ def test_op_without_rule_is_really_uncovered():
 
 
 def test_fallback_order_1_warns_and_is_correct():
-    _build._warned.discard(str(NO_RULE_OP))  # the fallback warns once per op and process
     f = lambda x: torch.special.i0(h(x)) * torch.sin(h2(x))  # noqa: E731
-    x = rnd(B, 3)
-    with pytest.warns(UserWarning, match=r"aten\.i0\.default"):
+    x = rnd(B, 3, seed=1)
+    with pytest.warns(td.FallbackWarning, match=r"aten\.i0\.default"):
         J = td.jacobian(f, x, method="forward")
     expected = torch.func.vmap(torch.func.jacrev(lambda xi: f(xi[None])[0]))(x)
     assert_close(J, expected)
@@ -847,16 +848,41 @@ def test_fallback_order_1_warns_and_is_correct():
 
 @pytest.mark.parametrize("call,order", [
     (lambda f, x: td.hessian(f, x, method="forward"), 2),
-    (lambda f, x: td.laplacian(f, x), 2),
-    (lambda f, x: td.partials(f, x, [(0, 1, 2)]), 3),
-    (lambda f, x: td.biharmonic(f, x), 4),
+    (lambda f, x: td.laplacian(f, x, method="forward"), 2),
+    (lambda f, x: td.partials(f, x, [(0, 1, 2)], method="forward"), 3),
+    (lambda f, x: td.biharmonic(f, x, method="forward"), 4),
 ])
 def test_fallback_higher_order_raises(call, order):
     f = lambda x: torch.special.i0(h(x))  # noqa: E731
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(NotImplementedError, match=rf"aten\.i0\.default.*order {order}"):
-            call(f, rnd(B, 3))
+    # no FallbackWarning: the generic rule refuses orders above 1 before it would run
+    with pytest.raises(NotImplementedError, match=rf"aten\.i0\.default.*order {order}"):
+        call(f, rnd(B, 3, seed=2))
+
+
+def test_fallback_higher_order_auto_takes_reverse_and_says_so():
+    """laplacian(method="auto") of the same f: forward cannot (order 2 through an op without a rule), so auto takes
+    reverse mode, with a FallbackWarning, and the value is right."""
+    f = lambda x: torch.special.i0(h(x))  # noqa: E731
+    x = rnd(B, 3, seed=2)
+    with pytest.warns(td.FallbackWarning, match="reverse"):
+        lap = td.laplacian(f, x)
+    expected = ref_partials(f, x, [(0, 0), (1, 1), (2, 2)])
+    assert_close(lap, sum(expected.values()))
+
+
+def test_fallback_higher_order_auto_takes_autograd_where_no_reverse_form():
+    """partials and biharmonic have no reverse form: auto goes on to nested autograd, says so, and is right."""
+    f = lambda x: torch.special.i0(h(x))  # noqa: E731
+    x = rnd(B, 3, seed=2)
+    with pytest.warns(td.FallbackWarning, match="autograd"):
+        d = td.partials(f, x, [(0, 1, 2)])
+    assert_close(d[(0, 1, 2)], ref_partials(f, x, [(0, 1, 2)])[(0, 1, 2)])
+    td.reset_fallback_warnings()
+    with pytest.warns(td.FallbackWarning, match="autograd"):
+        bih = td.biharmonic(f, x)
+    idx = [(i, i, j, j) for i in range(3) for j in range(3)]
+    ref = ref_partials(f, x, sorted(set(tuple(sorted(a)) for a in idx)))
+    assert_close(bih, sum(ref[tuple(sorted(a))] for a in idx))
 
 
 
@@ -963,11 +989,9 @@ INPLACE = {
 @pytest.mark.parametrize("name", list(INPLACE))
 def test_inplace_and_constructors(name, batched):
     f, twin = INPLACE[name]
-    x = rnd(B, 3) if batched else rnd(3)
+    x = rnd(B, 3, seed=3) if batched else rnd(3, seed=3)
     spec = spec_for(3, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        got = td.partials(f, x, spec, batched=batched)
+    got = td.partials(f, x, spec, batched=batched)  # no FallbackWarning: in-place ops are captured
     if batched:
         expected = ref_partials(twin, x, spec)
     else:
@@ -976,3 +1000,6 @@ def test_inplace_and_constructors(name, batched):
     assert_close(twin(x), f(x), msg="twin")
     for key in spec:
         assert_close(got[key], expected[key], msg=f"{name} partial {key}")
+
+
+_IMPORTED = True  # from here on, rnd() needs a seed

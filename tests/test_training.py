@@ -193,6 +193,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 def test_ddp_two_processes_average_to_the_union_gradient(tmp_path):
     out = str(tmp_path / "grads.pt")
     mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)

@@ -1,88 +1,23 @@
-"""Architectures outside the main zoo, against independent per-sample torch.func references (float64).
+"""Architectures outside the main zoo, against independent per-sample references (float64, tests/_harness.py).
 
-References: ``vmap`` over the batch of nested ``jacrev`` (never forward-over-forward), restricted to the input
-coordinates a check needs, computed once per (case, order, coordinates) and shared by the tests. The LayerNorm
-case carries a hand-written twin for the reference, because nested ``jacrev`` through ``F.layer_norm`` is wrong
-at order >= 3 in this torch. Piecewise-linear nets are checked at order 1 only.
+References: ``vmap`` over the batch of nested ``jacrev`` of the model's primitive twin (never forward over
+forward), restricted to the input coordinates a check needs, computed once per (case, order, coordinates) and
+shared by the tests. Piecewise-linear nets are checked at order 1 only.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jacrev, vmap
 
 import torchderiv as td
-
-torch.set_num_threads(1)
+from _harness import Case, close, fd_partial, params, partials, sym_weights, value
 
 DT = torch.float64
-ATOL = 1e-8
-RTOL = 1e-6
-
-
-def close(actual, expected, msg: str) -> None:
-    assert isinstance(actual, torch.Tensor), f"{msg}: got {type(actual)}"
-    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=lambda m: f"{msg}\n{m}")
-
-
-# ----------------------------------------------------------------------------- independent references
-
-
-def ref_value(f: Callable, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return f(x)
-
-
-def ref_tensor(f: Callable, x: torch.Tensor, k: int, coords: Sequence[int] | None = None) -> torch.Tensor:
-    """Order-``k`` per-sample derivative tensor ``[B, *out, m, ..., m]`` w.r.t. the flattened coordinates
-    ``coords`` (all by default), by ``vmap`` over the batch of ``k`` nested ``jacrev``."""
-    ins = tuple(x.shape[1:])
-    n = math.prod(ins)
-    coords = list(range(n)) if coords is None else list(coords)
-    E = torch.eye(n, dtype=x.dtype)[:, coords]  # [n, m]
-    idx = torch.tensor(coords, dtype=torch.long)
-
-    def one(xi):
-        flat = xi.reshape(-1)
-        z0 = flat.index_select(0, idx)
-
-        def g(z):
-            return f((flat + E @ (z - z0)).reshape(1, *ins)).squeeze(0)
-
-        for _ in range(k):
-            g = jacrev(g)
-        return g(z0)
-
-    return vmap(one)(x)
-
-
-def ref_partial(f, x, key: tuple[int, ...]) -> torch.Tensor:
-    if not key:
-        return ref_value(f, x)
-    coords = sorted(set(key))
-    pos = {c: i for i, c in enumerate(coords)}
-    return ref_tensor(f, x, len(key), coords)[(..., *[pos[i] for i in key])]
-
-
-def fd_partial(f, x, key: tuple[int, ...], h: float = 1e-3) -> torch.Tensor:
-    """Nested central finite differences (float64) along each coordinate of ``key``: an outside check of the
-    references (used by test_references_agree_with_finite_differences only)."""
-    if not key:
-        return ref_value(f, x)
-    c, rest = key[-1], key[:-1]
-    e = torch.zeros(x.shape[0], math.prod(x.shape[1:]), dtype=x.dtype)
-    e[:, c] = 1.0
-    e = e.reshape(x.shape)
-    return (fd_partial(f, x + h * e, rest, h) - fd_partial(f, x - h * e, rest, h)) / (2 * h)
 
 
 # ----------------------------------------------------------------------------- the unseen zoo
@@ -464,52 +399,17 @@ class RBFNet(nn.Module):
         return self.out(torch.exp(-r2 * torch.exp(self.log_w)))
 
 
-_BUILT: dict = {}
-
-
-@dataclass
-class Case:
-    name: str
-    factory: Callable[[], nn.Module]
-    in_shape: tuple[int, ...]
-    batch: int = 3
-    scale: float = 0.8
-    smooth: bool = True  # False: piecewise linear (or a documented order-1-only op), first order only
-    noncontiguous: bool = False  # x handed over as a non-contiguous (transposed) view
-    bih_dims: list[int] | None = None  # None: every coordinate
-    pair: tuple[int, int] = (0, 1)  # coordinates (a, b) of the order-3 / order-4 partials
-
-    def build(self):
-        """(model, reference callable, x), built once per case: every test of a case sees the same module
-        object (so torchderiv's per-module cache is exercised across requests) and the same x."""
-        if self.name not in _BUILT:
-            torch.manual_seed(3000 + sum(map(ord, self.name)))
-            model = self.factory().to(DT).eval()
-            g = torch.Generator().manual_seed(4000 + len(self.name))
-            x = self.scale * torch.randn(self.batch, *self.in_shape, dtype=DT, generator=g)
-            if self.noncontiguous:
-                x = x.flatten(1).T.contiguous().T.reshape(x.shape) if len(self.in_shape) > 1 else x.T.contiguous().T
-                assert not x.is_contiguous()
-            ref = model.reference if hasattr(model, "reference") else model
-            _BUILT[self.name] = (model, ref, x)
-        return _BUILT[self.name]
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.in_shape)
-
-
 CASES: list[Case] = [
     Case("res_rmsnorm_gelu_tanh", ResRMSGelu, (3,)),
     Case("silu_softplus_beta2", lambda: nn.Sequential(nn.Linear(3, 6), nn.SiLU(), nn.Linear(6, 6),
                                                       nn.Softplus(beta=2.0), nn.Linear(6, 2)), (3,), batch=4),
     Case("elu_selu_mish_hardswish", MixedActs, (3,)),
     Case("logsigmoid_softsign_softmin", SmoothActs2, (2,)),
-    Case("causal_attention_einsum_bmm", CausalAttention, (3, 2), bih_dims=[1, 4], pair=(1, 4)),
-    Case("causal_attention_where_heads", CausalAttentionWhere, (3, 2), bih_dims=[0, 5], pair=(0, 5)),
-    Case("conv1d_stride_padding", Conv1dStride, (2, 5), bih_dims=[0, 4, 7], pair=(2, 7)),
-    Case("conv1d_circular_reflect", Conv1dCircular, (2, 4), bih_dims=[0, 3, 6], pair=(0, 7)),
-    Case("conv2d_groups", Conv2dGroups, (2, 2, 2), bih_dims=[0, 3, 5], pair=(1, 6)),
+    Case("causal_attention_einsum_bmm", CausalAttention, (3, 2), dims=[1, 4], pair=(1, 4)),
+    Case("causal_attention_where_heads", CausalAttentionWhere, (3, 2), dims=[0, 5], pair=(0, 5)),
+    Case("conv1d_stride_padding", Conv1dStride, (2, 5), dims=[0, 4, 7], pair=(2, 7)),
+    Case("conv1d_circular_reflect", Conv1dCircular, (2, 4), dims=[0, 3, 6], pair=(0, 7)),
+    Case("conv2d_groups", Conv2dGroups, (2, 2, 2), dims=[0, 3, 5], pair=(1, 6)),
     Case("layernorm_no_affine", LayerNormNoAffine, (3,)),
     Case("softmax_temperature_batch1", SoftmaxTemperature, (3,), batch=1),
     Case("log_softmax_head", LogSoftmaxHead, (3,), batch=4),
@@ -521,97 +421,18 @@ CASES: list[Case] = [
     Case("pnorm_3_and_2", PNorm, (3,)),
     Case("std_var_logsumexp_cumsum", StatsNet, (3,)),
     Case("max_clamp_relu", MaxClamp, (3,), smooth=False),
-    Case("sdpa_causal", SDPACausal, (3, 2), bih_dims=[2, 3], pair=(2, 3)),
-    Case("torch_multihead_attention", TorchMHA, (2, 4), bih_dims=[1, 6], pair=(1, 6)),
-    Case("lstm_cell_unrolled", LSTMCellUnrolled, (2, 2), pair=(0, 3)),
+    Case("sdpa_causal", SDPACausal, (3, 2), dims=[2, 3], pair=(2, 3)),
+    Case("torch_multihead_attention", TorchMHA, (2, 4), dims=[1, 6], pair=(1, 6)),
+    # known gap: the capture of nn.LSTMCell fails inside torch's functionalization (an internal assert), so every
+    # call goes through the torch.func fallback, which must say so
+    Case("lstm_cell_unrolled", LSTMCellUnrolled, (2, 2), pair=(0, 3), fallback="could not be traced"),
     Case("per_sample_repeat_diagonal_hypot", PerSampleTensorOps, (3,)),
     Case("rbf_gaussian", RBFNet, (3,)),
 ]
 SMOOTH = [c for c in CASES if c.smooth]
-
-def _cases(cases):
-    return pytest.mark.parametrize("case", cases, ids=lambda c: c.name)
-
-
-all_cases = _cases(CASES)
-smooth_cases = _cases(SMOOTH)
+all_cases = pytest.mark.parametrize("case", params(CASES))
+smooth_cases = pytest.mark.parametrize("case", params(SMOOTH))
 methods = pytest.mark.parametrize("method", ["forward", "reverse"])
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a fallback warning is allowed: the numbers are checked
-        yield
-
-
-def _out_shape(model, x):
-    return tuple(ref_value(model, x).shape[1:])
-
-
-def _sym_weights(m: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(11)
-    A = torch.randn(m, m, dtype=DT, generator=g)
-    return A @ A.T + 0.5 * (A + A.T)
-
-
-# ----------------------------------------------------------------------------- cached references
-
-_REF_CACHE: dict = {}
-
-
-def cached_tensor(case: Case, k: int, coords: Sequence[int] | None = None) -> torch.Tensor:
-    """``ref_tensor`` of the case's reference at its input, once per (case, order, coordinates): the builds are
-    deterministic, so the tests share the (expensive) nested-jacrev references."""
-    key = (case.name, k, None if coords is None else tuple(coords))
-    if key not in _REF_CACHE:
-        _, ref, x = case.build()
-        _REF_CACHE[key] = ref_tensor(ref, x, k, coords).detach()
-    return _REF_CACHE[key]
-
-
-def cached_partial(case: Case, key: tuple[int, ...], coords: Sequence[int]) -> torch.Tensor:
-    """A partial read off the cached order-``len(key)`` tensor over ``coords`` (a superset of ``key``)."""
-    if not key:
-        _, ref, x = case.build()
-        return ref_value(ref, x)
-    pos = {c: i for i, c in enumerate(coords)}
-    return cached_tensor(case, len(key), coords)[(..., *[pos[i] for i in key])]
-
-
-def cached_jacobian(case: Case, x) -> torch.Tensor:
-    J = cached_tensor(case, 1)
-    return J.reshape(*J.shape[:-1], *x.shape[1:])
-
-
-def cached_hessian(case: Case, x) -> torch.Tensor:
-    H = cached_tensor(case, 2)
-    return H.reshape(*H.shape[:-2], *x.shape[1:], *x.shape[1:])
-
-
-def cached_laplacian(case: Case, dims=None, weights=None) -> torch.Tensor:
-    H = cached_tensor(case, 2)
-    if dims is not None:
-        idx = torch.tensor(list(dims))
-        H = H.index_select(-2, idx).index_select(-1, idx)
-    if weights is None:
-        return H.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return (H * weights).sum((-2, -1))
-
-
-def cached_biharmonic(case: Case, dims: Sequence[int] | None) -> torch.Tensor:
-    """sum_ij d4 / dx_i^2 dx_j^2 from order-4 tensors over each pair {i, j} of dims (two coordinates each: far
-    cheaper than one nested-jacrev tensor over all of dims)."""
-    dims = list(range(case.n)) if dims is None else list(dims)
-    if len(dims) == 1:
-        return cached_tensor(case, 4, dims)[..., 0, 0, 0, 0]
-    T = {(i, j): cached_tensor(case, 4, [i, j]) for a, i in enumerate(dims) for j in dims[a + 1 :]}
-    total = sum(2 * t[..., 0, 0, 1, 1] for t in T.values())
-    d0 = dims[0]
-    total = total + T[(d0, dims[1])][..., 0, 0, 0, 0]
-    for i in dims[1:]:
-        total = total + T[(d0, i)][..., 1, 1, 1, 1]
-    return total
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -621,48 +442,48 @@ def cached_biharmonic(case: Case, dims: Sequence[int] | None) -> torch.Tensor:
 @methods
 def test_jacobian(case, method):
     model, _, x = case.build()
-    J = td.jacobian(model, x, method=method)
-    assert J.shape == (x.shape[0], *_out_shape(model, x), *x.shape[1:])
-    close(J, cached_jacobian(case, x), f"{case.name} jacobian {method}")
+    with case.expect_fallback():
+        J = td.jacobian(model, x, method=method)
+    assert J.shape == (x.shape[0], *case.out_shape(), *x.shape[1:])
+    close(J, case.jacobian(), f"{case.name} jacobian {method}")
 
 
-def _square(case: Case) -> bool:
-    model, _, x = case.build()
-    with torch.no_grad():
-        return tuple(model(x).shape[1:]) == tuple(x.shape[1:])
-
-
-@_cases([c for c in CASES if _square(c)])
+@pytest.mark.parametrize("case", params([c for c in CASES if c.square()]))
 @methods
 def test_divergence_square_maps(case, method):
     model, _, x = case.build()
-    n = case.n
-    diag = cached_jacobian(case, x).reshape(x.shape[0], n, n).diagonal(dim1=-2, dim2=-1)
-    close(td.jacobian_diagonal(model, x, method=method), diag.reshape(x.shape), f"{case.name} jacobian_diagonal")
-    close(td.divergence(model, x, method=method), diag.sum(-1), f"{case.name} divergence")
+    diag = case.jacobian_diagonal()
+    with case.expect_fallback():
+        jd, div = td.jacobian_diagonal(model, x, method=method), td.divergence(model, x, method=method)
+    close(jd, diag, f"{case.name} jacobian_diagonal")
+    close(div, diag.flatten(1).sum(-1), f"{case.name} divergence")
 
 
 @smooth_cases
 @methods
 def test_hessian(case, method):
     model, _, x = case.build()
-    close(td.hessian(model, x, method=method), cached_hessian(case, x), f"{case.name} hessian {method}")
+    with case.expect_fallback():
+        H = td.hessian(model, x, method=method)
+    close(H, case.hessian(), f"{case.name} hessian {method}")
 
 
 @smooth_cases
 @methods
 def test_hessian_diagonal(case, method):
     model, _, x = case.build()
-    H = cached_tensor(case, 2)
-    expected = H.diagonal(dim1=-2, dim2=-1).reshape(*H.shape[:-2], *x.shape[1:])
-    close(td.hessian_diagonal(model, x, method=method), expected, f"{case.name} hessian_diagonal {method}")
+    with case.expect_fallback():
+        hd = td.hessian_diagonal(model, x, method=method)
+    close(hd, case.hessian_diagonal(), f"{case.name} hessian_diagonal {method}")
 
 
 @smooth_cases
 @methods
 def test_laplacian(case, method):
     model, _, x = case.build()
-    close(td.laplacian(model, x, method=method), cached_laplacian(case), f"{case.name} laplacian {method}")
+    with case.expect_fallback():
+        lap = td.laplacian(model, x, method=method)
+    close(lap, case.laplacian(), f"{case.name} laplacian {method}")
 
 
 @smooth_cases
@@ -671,11 +492,13 @@ def test_laplacian_weighted(case, method):
     """sum_ij C_ij d2f/dx_i dx_j with a dense symmetric C over every coordinate, dims given in reversed order."""
     model, _, x = case.build()
     dims = list(range(case.n))[::-1]
-    C = _sym_weights(case.n)
-    close(td.laplacian(model, x, dims=dims, weights=C, method=method), cached_laplacian(case, dims=dims, weights=C),
-          f"{case.name} weighted laplacian dims={dims} {method}")
+    C = sym_weights(case.n)
+    with case.expect_fallback():
+        lap = td.laplacian(model, x, dims=dims, weights=C, method=method)
+    close(lap, case.laplacian(dims, C), f"{case.name} weighted laplacian dims={dims} {method}")
 
 
+@pytest.mark.slow  # orders 3-4 of 24 architectures (fast tier: test_zoo.py and test_rules.py)
 @smooth_cases
 def test_partials_mixed_spec(case):
     """Orders 0..4 in one request: (0, 0, 1) and (0, 0, 1, 1), and unsorted multi-indices over the case's pair."""
@@ -683,23 +506,23 @@ def test_partials_mixed_spec(case):
     a, b = case.pair
     spec = [(), (b,), (b, a), (a, a), (0, 0, 1), (0, 0, 1, 1), (b, a, a), (b, b, b), (a, b, a, b), (b, b, b, b)]
     spec = list(dict.fromkeys(spec))
-    got = td.partials(model, x, spec)
+    with case.expect_fallback():
+        got = td.partials(model, x, spec)
     assert list(got) == spec
     for key in spec:
-        if len(key) <= 2:
-            coords = list(range(case.n))
-        else:
-            coords = sorted(case.pair) if set(key) <= set(case.pair) else [0, 1]
-        close(got[key], cached_partial(case, key, coords), f"{case.name} partial {key}")
+        close(got[key], case.partial(key), f"{case.name} partial {key}")
 
 
+@pytest.mark.slow
 @smooth_cases
 def test_biharmonic(case):
     model, _, x = case.build()
-    dims = case.bih_dims
-    close(td.biharmonic(model, x, dims=dims), cached_biharmonic(case, dims), f"{case.name} biharmonic {dims}")
+    with case.expect_fallback():
+        bh = td.biharmonic(model, x, dims=case.dims)
+    close(bh, case.biharmonic(case.dims), f"{case.name} biharmonic {case.dims}")
 
 
+@pytest.mark.slow  # checks the references, not torchderiv
 @pytest.mark.parametrize("name", ["layernorm_no_affine", "causal_attention_einsum_bmm", "conv1d_circular_reflect",
                                   "normalize", "elu_selu_mish_hardswish", "torch_multihead_attention",
                                   "lstm_cell_unrolled"])
@@ -709,7 +532,7 @@ def test_references_agree_with_finite_differences(name):
     _, ref, x = case.build()
     a, b = case.pair
     for key, tol in [((a,), 1e-6), ((a, b), 1e-4), ((a, a, b), 1e-3)]:
-        torch.testing.assert_close(ref_partial(ref, x, key), fd_partial(ref, x, key), atol=tol, rtol=tol)
+        torch.testing.assert_close(partials(ref, x, [key])[key], fd_partial(ref, x, key), atol=tol, rtol=tol)
 
 
 def test_twins_match_their_modules():
@@ -717,15 +540,16 @@ def test_twins_match_their_modules():
     for case in CASES:
         model, ref, x = case.build()
         if ref is not model:
-            close(ref_value(ref, x), ref_value(model, x), f"{case.name} twin value")
+            close(value(ref, x), value(model, x), f"{case.name} twin value")
 
 
 def test_op_without_rule_raises_above_order_one():
-    """An op with no Taylor rule (here torch.special.i0) is differentiated by the generic fallback at order 1;
-    higher orders must raise, naming the op, never return a silently wrong number."""
+    """An op with no Taylor rule (here torch.special.i0) is differentiated by the generic fallback at order 1 (which
+    says so); higher orders must raise, naming the op, never return a silently wrong number."""
     model = lambda x: torch.special.i0(x).sum(-1, keepdim=True)  # noqa: E731
-    x = torch.randn(4, 3, dtype=torch.float64)
-    J = td.jacobian(model, x)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(td.FallbackWarning, match="i0"):
+        J = td.jacobian(model, x, method="forward")
     ref = torch.func.vmap(torch.func.jacrev(lambda v: torch.special.i0(v).sum(-1, keepdim=True)))(x)
     torch.testing.assert_close(J, ref)
     for _ in range(2):  # the second time from the remembered failed build

@@ -19,6 +19,7 @@ from ._api import (
 from ._cache import cache_info, clear_cache
 from ._capture import BatchMixingError, TraceError
 from ._sparsity import sparsity
+from ._warnings import FallbackWarning, reset_fallback_warnings
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "clear_cache",
     "BatchMixingError",
     "TraceError",
+    "FallbackWarning",
+    "reset_fallback_warnings",
 ]
 
 

@@ -10,7 +10,6 @@ captured constants (parameters, buffers) as inputs, so an ordinary backward reac
 from __future__ import annotations
 
 import operator
-import warnings
 
 import torch
 from torch import fx
@@ -21,15 +20,7 @@ from ._capture import Captured
 from ._jet import Ctx, Jet
 from ._plan import Plan
 from ._rules import RULES, Unsupported
-
-_warned: set = set()
-
-
-def _warn_once(key, msg):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, stacklevel=4)
-
+from ._warnings import warn_fallback
 
 # ----------------------------------------------------------------------------- fallback
 
@@ -48,7 +39,6 @@ def _fallback(ctx: Ctx, op, args, kwargs):
             f"but this request needs order {ctx.K}. Use method='reverse' where the operator has it (jacobian, "
             f"hessian, laplacian, ...), or replace the op in f (or open an issue with this message)."
         )
-    _warn_once(name, f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback (slower).")
     flat, spec = pytree.tree_flatten((args, kwargs))
     jet_pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
     primals = [a.p if isinstance(a, Jet) else a for a in flat]
@@ -79,6 +69,10 @@ def _fallback(ctx: Ctx, op, args, kwargs):
                 f"({str(e).splitlines()[0]}). Use method='reverse' (jacobian, hessian), or replace the op in f."
             ) from e
         tangents_rows.append(dy)
+    # warned once it worked (an op without a forward-mode formula raises NoForwardDerivative above instead)
+    warn_fallback(("no rule", name), f"torchderiv: no rule for `{name}`; using the generic forward-mode fallback "
+                  f"(slower).")
+
     def wrap(yi, rows_i):
         # integer outputs (indices of sort / topk / max) carry no derivative: plain tensors, not jets
         if not (isinstance(yi, torch.Tensor) and (yi.is_floating_point() or yi.is_complex())):

@@ -19,6 +19,7 @@ from ._build import build
 from ._capture import BatchMixingError, Captured, capture
 from ._errors import one_d_hint
 from ._plan import Plan
+from ._warnings import about
 
 
 @dataclass
@@ -306,7 +307,8 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
     else:
         cap = captured(f, x, batched, fname)
         try:
-            gm = build(cap, plan, dirs, x, batched, outputs, seed_shape)
+            with about(f):  # a per-op fallback warning while building names this f
+                gm = build(cap, plan, dirs, x, batched, outputs, seed_shape)
             e = Entry(gm=gm, constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive

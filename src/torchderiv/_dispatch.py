@@ -28,6 +28,7 @@ from ._random import is_random
 from ._random import run as run_random
 from ._requests import METHODS, Request, Work, in_shape, prepare
 from ._taylor import streams, taylor
+from ._warnings import warn_fallback
 
 
 def validate(req: Request, f, x) -> None:
@@ -148,9 +149,13 @@ def dispatch(req: Request, f, x):
     failures = []
     for m in others:
         try:
-            return _run(m, req, work, f, x, key)
+            r = _run(m, req, work, f, x, key)
         except RuntimeError as e:  # torch cannot either (grid_sampler_3d's backward under vmap)
             failures.append(f"{m}: {str(e).splitlines()[0]}")
+            continue
+        warn_fallback(f"auto: {m}", f"{req.op}: {forward_error.args[0]} method='auto' used {m} mode instead; "
+                      f"pass method='{m}' to choose it explicitly.", f)
+        return r
     raise NoForwardDerivative(
         f"{forward_error.args[0]} " + ("; ".join(f"Reverse mode failed too ({f})" for f in failures)
                                        if failures else "No other method applies.")

@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ._cache import check_output
 from ._capture import _cdist as _capture_cdist
 from ._errors import f_error
+from ._warnings import warn_fallback
 
 MultiIndex = tuple[int, ...]
 Combo = Sequence[tuple[MultiIndex, float]]
@@ -99,11 +100,9 @@ def per_sample(f: Callable, batched: bool) -> Callable:
 def traced_fallback(fname, f, x, items, combos, batched, err, directions=None, chunk_size=None):
     """The whole request through :func:`fallback_partials`, after a failed trace (``err``), with a warning."""
     probe_output(fname, f, x, batched)  # an error of f itself is reported as such, not as a fallback
-    warnings.warn(
-        f"{fname}: f could not be traced to a static graph ({err}); falling back to torch.func "
-        f"(correct, much slower). Avoid data-dependent Python control flow in f to get the fast path.",
-        stacklevel=4,
-    )
+    warn_fallback("untraceable", f"{fname}: f could not be traced to a static graph ({err}); falling back to "
+                  f"torch.func (correct, much slower). Avoid data-dependent Python control flow in f to get the "
+                  f"fast path.", f)
     return fallback_partials(fname, f, x, items, combos, batched, directions=directions, chunk_size=chunk_size)
 
 

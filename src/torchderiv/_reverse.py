@@ -14,6 +14,7 @@ from ._cache import Entry, _mode, _slot, _state, captured, output_shape
 from ._capture import TraceError
 from ._fallback import map_samples, per_sample, probe_output, written_out
 from ._rules import _select_scatter_op, _slice_scatter_op, copy_out_of_place
+from ._warnings import warn_fallback
 
 _NORMS = ("native_layer_norm.default", "native_batch_norm.default", "_native_batch_norm_legit.default",
           "_native_batch_norm_legit.no_stats", "_native_batch_norm_legit_no_training.default",
@@ -91,8 +92,11 @@ def traceable(fname: str, f, x: torch.Tensor, batched: bool) -> bool:
     try:
         output_shape(f, x, batched, fname)
         return True
-    except TraceError:
+    except TraceError as err:
         probe_output(fname, f, x, batched)
+        warn_fallback("untraceable", f"{fname}: f could not be traced to a static graph ({err}); running "
+                      f"torch.func on f itself (correct, slower). Avoid data-dependent Python control flow in f "
+                      f"to get the fast path.", f)
         return False
 
 
