@@ -149,7 +149,7 @@ def choose(candidates: dict[str, float], cost: GraphCost, batch: int, grad: bool
 
 
 def fit(rows: list[dict]) -> dict:
-    """Least-squares constants (non-negative, relative error) per method and grad mode from calibration
+    """Least-squares constants (non-negative, error in ratio) per method and grad mode from calibration
     rows ``{"method", "grad", "units", "ops", "flops", "elems", "batch", "seconds"}``."""
     out: dict = {}
     for m in ("forward", "reverse", "autograd"):
@@ -166,18 +166,31 @@ def fit(rows: list[dict]) -> dict:
     return out
 
 
-def _nnls_relative(A: torch.Tensor, t: torch.Tensor) -> list[float]:
-    """argmin_{c >= 0} sum ((A c - t) / t)^2 over all active sets (4 unknowns: 15 subsets)."""
-    W = A / t[:, None]
-    ones = torch.ones_like(t)
+def _nnls_relative(A: torch.Tensor, t: torch.Tensor, rounds: int = 8) -> list[float]:
+    """Non-negative constants ``c`` with ``A c`` close to ``t`` in ratio, over- and under-prediction alike:
+    least squares of ``(A c - t) / max(t, A c)`` by reweighting (a plain relative error would cap the cost of
+    an under-prediction at 1 and so favour predicting far too little for the large cases)."""
+    scale = t.clone()
+    c = _nnls_weighted(A, t, scale)
+    for _ in range(rounds):
+        pred = A @ torch.tensor(c, dtype=A.dtype)
+        scale = torch.maximum(t, pred)
+        c = _nnls_weighted(A, t, scale)
+    return c
+
+
+def _nnls_weighted(A: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> list[float]:
+    """argmin_{c >= 0} sum ((A c - t) / scale)^2 over all active sets (4 unknowns: 15 subsets)."""
+    W = A / scale[:, None]
+    b = t / scale
     best, best_c = math.inf, [0.0] * A.shape[1]
     k = A.shape[1]
     for mask in range(1, 1 << k):
         cols = [i for i in range(k) if mask >> i & 1]
-        sol = torch.linalg.lstsq(W[:, cols], ones[:, None]).solution[:, 0]
+        sol = torch.linalg.lstsq(W[:, cols], b[:, None]).solution[:, 0]
         if (sol < 0).any():
             continue
-        err = float(((W[:, cols] @ sol - ones) ** 2).sum())
+        err = float(((W[:, cols] @ sol - b) ** 2).sum())
         if err < best:
             best = err
             best_c = [0.0] * k

@@ -12,9 +12,11 @@ Rerun it on a new machine (a GPU) to re-fit: ``torchderiv calibrate --out path``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -44,9 +46,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cap", type=float, default=2.0, help="seconds: a method slower than this is timed once")
     p.add_argument("--budget", type=float, default=2e10,
                    help="skip points whose plain forward exceeds this many multiply-adds (default 2e10)")
+    p.add_argument("--point-limit", type=float, default=30.0,
+                   help="seconds: a design point that takes longer in all (building included) is skipped")
     p.add_argument("--out", default=str(_costmodel.TABLE_PATH), help="where to write the table")
     p.add_argument("--rows", metavar="PATH", help="also write the raw timings (JSON lines) here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--refit", nargs="+", metavar="ROWS",
+                   help="measure nothing: fit the table from raw timings written by earlier runs (--rows)")
     return p
 
 
@@ -164,28 +170,55 @@ def evaluate(rows: list[dict], constants: dict) -> dict:
 
 
 def run(args) -> int:
+    if args.refit:
+        rows = [json.loads(line) for path in args.refit for line in Path(path).read_text().splitlines() if line]
+        return _write(args, rows, points=len({json.dumps(r["point"], sort_keys=True) for r in rows}), seconds=0.0)
     points = design(args.points, args.seed)
     rows: list[dict] = []
     t0 = time.perf_counter()
     for i, p in enumerate(points):
         try:
-            got = measure(p, args.cap, args.budget, args.device)
-        except (RuntimeError, ValueError, NotImplementedError) as e:  # report and go on
+            with _time_limit(args.point_limit):
+                got = measure(p, args.cap, args.budget, args.device)
+        except (RuntimeError, ValueError, NotImplementedError, TimeoutError) as e:  # report and go on
             print(f"[{i + 1}/{len(points)}] {p}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
             continue
         rows.extend(got)
         desc = ", ".join(f"{r['method']} {r['seconds'] * 1e3:.2f} ms" for r in got) or "skipped (too large)"
         print(f"[{i + 1}/{len(points)}] {p}: {desc}", flush=True)
-    constants = _costmodel.fit(rows)
-    quality = evaluate(rows, constants)
-    out = {"machine": _machine(args.device), "points": len(points), "timings": len(rows),
-           "seconds": round(time.perf_counter() - t0, 1), "quality": quality, "constants": constants}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     if args.rows:
         Path(args.rows).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return _write(args, rows, points=len(points), seconds=time.perf_counter() - t0)
+
+
+def _write(args, rows: list[dict], points: int, seconds: float) -> int:
+    constants = _costmodel.fit(rows)
+    quality = evaluate(rows, constants)
+    out = {"machine": _machine(args.device), "points": points, "timings": len(rows),
+           "seconds": round(seconds, 1), "quality": quality, "constants": constants}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({"quality": quality, "constants": constants}, indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise TimeoutError in the main thread after ``seconds`` (SIGALRM; no limit where it is missing)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"over the {seconds:g} s point limit")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _machine(device: str) -> str:
