@@ -324,7 +324,10 @@ def test_attention_order4_through_the_fallback_stays_under_2GiB():
     """Every fourth-order partial of the attention zoo model with capture disabled (the old fallback built
     whole derivative tensors and went past 24 GiB): peak resident memory of the process under 2 GiB."""
     here = os.path.dirname(__file__)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, *sys.path]), "OMP_NUM_THREADS": "1"}
+    # a fresh interpreter that sees only the tests and the installed package: nothing the pytest worker
+    # loaded or put on its sys.path
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "PYTHON"))}
+    env.update(PYTHONPATH=here, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
                        timeout=600, cwd=here)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -340,7 +343,8 @@ def test_capture_disabled_is_what_the_memory_test_measures(monkeypatch):
         raise td.TraceError("capture disabled")
 
     monkeypatch.setattr(cache, "capture", refuse)
-    model, ref, x = ZOO_BY_NAME["tanh_mlp"].build()
+    model, ref, x = ZOO_BY_NAME["tanh_mlp"].build()  # a shared model: earlier tests may have cached its trace
+    td.clear_cache()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         got = td.partials(model, x, [(0, 1)])

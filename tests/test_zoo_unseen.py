@@ -556,4 +556,4 @@ def test_op_without_rule_raises_above_order_one():
         with pytest.raises(NotImplementedError, match="i0"):
             td.hessian(model, x, method="forward")
     with pytest.raises(NotImplementedError, match="i0"):
-        td.partials(model, x, [(0, 0, 1)])
+        td.partials(model, x, [(0, 0, 1)], method="forward")
