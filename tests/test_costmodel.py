@@ -29,8 +29,9 @@ def test_graph_cost_counts_the_multiply_adds_of_an_mlp():
 def test_units_of_each_method():
     assert _costmodel.reverse_units("jacobian", m=3, n=10) == 7
     assert _costmodel.reverse_units("hessian", m=2, n=5) == 41
-    # first partials (prefix ()) and u_xx, u_yy (prefixes (0,), (1,)): 3 reverse passes per output
-    assert _costmodel.autograd_units([(0,), (1,), (0, 0), (1, 1)], m=2) == 1 + 2 * 2 * 3
+    # first partials (prefix ()) and u_xx, u_yy (prefixes (0,), (1,)): 3 reverse passes per output, the two
+    # second ones through a graph twice the forward's size
+    assert _costmodel.autograd_units([(0,), (1,), (0, 0), (1, 1)], m=2) == 1 + 2 * 2 * (1 + 2 + 2)
 
 
 def test_fit_recovers_constants_of_synthetic_timings():

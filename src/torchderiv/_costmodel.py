@@ -12,8 +12,9 @@ the request:
 * ``forward`` (Taylor): ``1 + sum_k k * rows_k``, the coefficient rows of order ``k`` that the plan
   propagates (a collapsed Laplacian is one row of order 2), weighted by order (a row of order ``k``
   meets about ``k`` product terms in every nonlinearity);
-* ``autograd`` (nested ``torch.autograd.grad``): ``1 + 2 * m * P``, with ``m`` outputs per sample and ``P``
-  the distinct proper prefixes of the requested multi-indices (one reverse pass each);
+* ``autograd`` (nested ``torch.autograd.grad``): ``1 + 2 m sum_p (1 + |p|)`` over the distinct proper
+  prefixes ``p`` of the requested multi-indices, ``m`` outputs per sample (one reverse pass per prefix,
+  through a graph that grows with the depth);
 * ``reverse`` (vectorized vjps): ``1 + 2 m`` for a Jacobian, ``1 + 4 m n`` for reverse-over-reverse
   Hessians over ``n`` inputs.
 
@@ -108,9 +109,11 @@ def forward_units(plan) -> float:
 
 
 def autograd_units(indices, m: int) -> float:
-    """``1 + 2 m P`` for the multi-indices ``indices`` (coordinates) of a request with ``m`` outputs."""
+    """``1 + 2 m sum_p (1 + |p|)`` over the distinct proper prefixes ``p`` of the multi-indices ``indices``
+    (coordinates) of a request with ``m`` outputs: one reverse pass per prefix, a pass at depth ``|p|``
+    going back through a graph about ``1 + |p|`` times the forward's size."""
     prefixes = {tuple(sorted(a))[:j] for a in indices for j in range(len(a))}
-    return 1.0 + 2.0 * m * len(prefixes)
+    return 1.0 + 2.0 * m * sum(1 + len(p) for p in prefixes)
 
 
 def reverse_units(kind: str, m: int, n: int) -> float:

@@ -228,7 +228,11 @@ def _compute(net, x: Tensor, spec, rec: _Record, y: Tensor | None = None) -> dic
     if method is None:  # the policy is asked once per (record, spec): it may trace, time or look up tables
         if len(rec.methods) > 16:
             rec.methods.clear()
-        method = rec.methods[key] = _method(net, x, spec)
+        _S.busy = True  # the policy traces the network: its forward hook must not serve that call
+        try:
+            method = rec.methods[key] = _method(net, x, [(), *spec])
+        finally:
+            _S.busy = False
     if method == "passthrough":
         return None
     spec = [(), *spec]  # the value comes with the pass at no cost: it is what the check compares
