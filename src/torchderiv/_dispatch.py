@@ -70,7 +70,7 @@ def choose_method(op: str, f, x: Tensor, *, batched: bool = True, **options) -> 
         ...     torchderiv.choose_method("jacobian", net, torch.rand(64, 100)) in ("reverse", "autograd")
         True
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3))
-        >>> torchderiv.choose_method("jacobian", net, torch.rand(256, 2))
+        >>> torchderiv.choose_method("partials", net, torch.rand(256, 2), spec=[(0, 0, 0)])  # third order
         'forward'
     """
     op = getattr(op, "__name__", op)

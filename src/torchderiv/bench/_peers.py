@@ -236,16 +236,24 @@ def pinn_step_compiled(s: Setup) -> Runner:
     docs/training.md). The compilation (the first compiled call) happens here, outside the timed runs; its
     wall time is left on the runner as ``setup_seconds``. The autograd-loop baseline cannot take this route
     (torch.compile does not support the double backward it needs)."""
-    import time
-
-    params = list(s.f.parameters())
-
     def loss_fn(x):
         lap = torchderiv.laplacian(s.f, x)
         return (lap**2).mean(), lap
 
     with torch.enable_grad():
         loss_fn(s.x)
+    return compiled_step(s, loss_fn)
+
+
+def compiled_step(s, loss_fn) -> Callable:
+    """A runner of one training step with ``loss_fn(x) -> (loss, out)`` compiled by ``torch.compile``: the
+    compilation (the first compiled call and its backward) happens here, outside the timed runs, its wall
+    time left on the runner as ``setup_seconds``; a machine where inductor cannot build raises
+    :class:`MethodUnavailable`. The runner returns ``(out, flattened parameter gradients)``."""
+    import time
+
+    params = list(s.f.parameters())
+    with torch.enable_grad():
         compiled = torch.compile(loss_fn)
         t0 = time.perf_counter()
         try:
@@ -263,10 +271,10 @@ def pinn_step_compiled(s: Setup) -> Runner:
         with torch.enable_grad():
             for p in params:
                 p.grad = None
-            loss, lap = compiled(s.x)
+            loss, out = compiled(s.x)
             loss.backward()
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            return lap.detach(), torch.cat([g.reshape(-1) for g in grads])
+            return out.detach(), torch.cat([g.reshape(-1) for g in grads])
 
     run.setup_seconds = secs  # type: ignore[attr-defined]
     return run

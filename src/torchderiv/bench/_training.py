@@ -10,7 +10,6 @@ the torchderiv loss under ``torch.compile``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -20,7 +19,7 @@ import torchderiv
 
 from . import _methods as M
 from ._methods import Runner, Setup
-from ._peers import compile_available
+from ._peers import compile_available, compiled_step
 
 
 class _Sin(torch.nn.Module):
@@ -138,36 +137,13 @@ def _td(method: str) -> M.Builder:
 
 def _compiled(s: Setup) -> Runner:
     """The torchderiv loss (method="auto") under torch.compile (inductor); compiled outside the timing."""
-    params = list(s.f.parameters())
     pde = s.extra["pde"]
 
     def loss_fn(x):
         r = pde.residual(torchderiv.partials(s.f, x, pde.spec, coords=pde.coords))
         return (r ** 2).mean(), r
 
-    with torch.enable_grad():
-        compiled = torch.compile(loss_fn)
-        t0 = time.perf_counter()
-        try:
-            loss, _ = compiled(s.x)
-        except Exception as e:  # noqa: BLE001 - inductor cannot build here (compiler, headers): a note
-            msg = str(e).strip().splitlines()
-            raise M.MethodUnavailable(f"torch.compile failed on this machine: {type(e).__name__}: "
-                                      f"{msg[0][:200] if msg else ''}") from e
-        loss.backward()
-        secs = time.perf_counter() - t0
-
-    def run():
-        with torch.enable_grad():
-            for p in params:
-                p.grad = None
-            loss, r = compiled(s.x)
-            loss.backward()
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            return r.detach(), torch.cat([g.reshape(-1) for g in grads])
-
-    run.setup_seconds = secs  # type: ignore[attr-defined]
-    return run
+    return compiled_step(s, loss_fn)
 
 
 # name -> (pde, layer sizes, points, activation). The "untuned" ones were fixed before the calibration and
