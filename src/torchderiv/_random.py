@@ -34,7 +34,7 @@ from ._capture import TraceError
 from ._fallback import per_sample, written_out
 from ._jet import full
 from ._plan import Plan
-from ._requests import Request, check_dims, in_shape
+from ._requests import Request, check_dims, check_weights, in_shape
 
 ESTIMATORS = ("rademacher", "gaussian", "coordinates")
 _OPTS = ("estimator", "samples", "generator", "return_stderr", "shared", "directions")
@@ -182,16 +182,11 @@ class Family:
     r: int
 
 
-def families(fname: str, n: int, dims, weights, check_dims) -> list[Family]:
+def families(fname: str, n: int, dims, weights) -> list[Family]:
     dims = check_dims(fname, dims, n)
     if weights is None:
         return [Family(dims, None, 1.0, len(dims))] if dims else []
-    C = torch.as_tensor(weights, dtype=torch.float64).cpu()
-    if C.shape != (len(dims), len(dims)):
-        raise ValueError(f"{fname}: weights must be a [{len(dims)}, {len(dims)}] matrix (one row per "
-                         f"coordinate in dims), got shape {tuple(C.shape)}")
-    if not torch.allclose(C, C.T):
-        raise ValueError(f"{fname}: weights must be symmetric; pass (C + C.T) / 2 for the same operator")
+    C = check_weights(fname, weights, len(dims))
     if bool((C == torch.diag(torch.diagonal(C))).all()):  # diagonal: the coordinates themselves
         lam = torch.diagonal(C)
         U = torch.eye(len(dims), dtype=torch.float64)
@@ -382,7 +377,7 @@ def laplacian(f, x: Tensor, *, dims, weights, batched: bool, method: str, chunk_
                              f"S S^T = C)")
         fams = []
     else:
-        fams = families(fname, n, dims, weights, check_dims)
+        fams = families(fname, n, dims, weights)
         if opts.estimator == "coordinates":
             D = len(check_dims(fname, dims, n))
             if opts.samples > D:
@@ -416,7 +411,7 @@ def biharmonic(f, x: Tensor, *, dims, batched: bool, method: str, chunk_size, es
                              f"with it (put zeros outside dims in the directions)")
         fams = []
     else:
-        fams = families(fname, n, dims, None, check_dims)
+        fams = families(fname, n, dims, None)
         if not fams:
             with torch.no_grad():
                 y = f(x)

@@ -176,16 +176,22 @@ def check_dims(fname: str, dims, n: int) -> list[int]:
     return dims
 
 
+def check_weights(fname: str, weights, k: int) -> Tensor:
+    """``weights`` as a symmetric float64 ``[k, k]`` matrix on the CPU (one row per coordinate in dims)."""
+    C = torch.as_tensor(weights, dtype=torch.float64).cpu()
+    if C.shape != (k, k):
+        raise ValueError(f"{fname}: weights must be a [{k}, {k}] matrix (one row per "
+                         f"coordinate in dims), got shape {tuple(C.shape)}")
+    if not torch.allclose(C, C.T):
+        raise ValueError(f"{fname}: weights must be symmetric; pass (C + C.T) / 2 for the same operator")
+    return C
+
+
 def _laplace_combo(fname: str, n: int, dims, weights) -> list:
     dims = check_dims(fname, dims, n)
     if weights is None:
         return [((d, d), 1.0) for d in dims]
-    C = torch.as_tensor(weights, dtype=torch.float64).cpu()
-    if C.shape != (len(dims), len(dims)):
-        raise ValueError(f"{fname}: weights must be a [{len(dims)}, {len(dims)}] matrix (one row per "
-                         f"coordinate in dims), got shape {tuple(C.shape)}")
-    if not torch.allclose(C, C.T):
-        raise ValueError(f"{fname}: weights must be symmetric; pass (C + C.T) / 2 for the same operator")
+    C = check_weights(fname, weights, len(dims))
     combo = []
     for a in range(len(dims)):
         for b in range(a, len(dims)):
