@@ -32,6 +32,7 @@ weights), an ``f`` holding a tensor that requires grad and cannot be found on it
 from __future__ import annotations
 
 import itertools
+import operator
 import sys
 import types
 import weakref
@@ -246,7 +247,10 @@ def call(op: str, f, x: Tensor, **kw):
     if isinstance(kw.get("weights"), Tensor):
         kw["weights"] = kw["weights"].tolist()
     options = tuple(sorted((k, _frozen(v)) for k, v in kw.items()))
-    ins = tuple(x.shape[1:]) if batched else tuple(x.shape)
+    # operator.index specializes the feature dims to constants (dynamo's automatic dynamic shapes makes them
+    # SymInts after a recompile for a net of another input size, which _plan cannot take: it graph-broke for
+    # every later net of that loss); int() would not specialize. The batch dimension stays dynamic.
+    ins = tuple(operator.index(s) for s in (x.shape[1:] if batched else x.shape))
     parts = ()
     fn = f.__func__ if isinstance(f, types.MethodType) else f
     if isinstance(fn, types.FunctionType):

@@ -47,6 +47,10 @@ def tanh_derivs(x: Tensor, y: Tensor, K: int) -> list:
     return g[1 : K + 1]
 
 
+# g'' = -2 g g': the order-2 coefficient as (X2 - 2 S y) g' (see _jet.compose)
+tanh_derivs.second = lambda x, y: ("ratio", y, -2.0)
+
+
 def sigmoid_derivs(x: Tensor, y: Tensor, K: int) -> list:
     # g' = g - g^2  =>  g^(k+1) = g^(k) - (g^2)^(k)
     g = [y, torch.addcmul(y, y, y, value=-1)]
@@ -70,10 +74,16 @@ def sin_derivs(x, y, K):
     return [cyc[k % 4] for k in range(K)]
 
 
+sin_derivs.second = lambda x, y: ("scaled", y, -1.0)  # g'' = -sin
+
+
 def cos_derivs(x, y, K):
     s = torch.sin(x)
     cyc = [-s, -y, s, y]
     return [cyc[k % 4] for k in range(K)]
+
+
+cos_derivs.second = lambda x, y: ("scaled", y, -1.0)  # g'' = -cos
 
 
 def sinh_derivs(x, y, K):

@@ -188,15 +188,29 @@ def linear(ctx: Ctx, x: Jet, fp: Callable[[Tensor], Tensor], fc: Callable[[Tenso
     return Jet(fp(x.p), [None if X is None else fc(X) for X in x.c])
 
 
-def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence) -> Jet:
+def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence, second: tuple | None = None) -> Jet:
     """Jet of ``y = g(x)`` for an elementwise ``g``; ``derivs[m-1]`` is ``g^(m)(x)``
-    (a tensor, a Python number, or ``None`` for zero), for ``m = 1..K``."""
+    (a tensor, a Python number, or ``None`` for zero), for ``m = 1..K``.
+
+    ``second`` (optional) writes ``g''`` with fewer ops for the order-2 coefficient
+    ``Y2 = X2 g' + S g''``: ``("ratio", t, c)`` says ``g'' = c t g'`` (tanh: ``-2 y g'``), so that
+    ``Y2 = (X2 + c S t) g'`` takes two ops and ``g''`` is never formed; ``("scaled", t, c)`` says
+    ``g'' = c t`` (sin: ``-y``), folded into the ``addcmul``. Unused derivatives are removed from the
+    generated graph by dead-code elimination."""
     out: list[Coef] = []
     nd = y.dim()
     for k, op in enumerate(ctx.plan.orders, start=1):
         g1 = derivs[0]
         Y = None
         Xk = x.c[k - 1]
+        if k == 2 and second is not None and isinstance(g1, Tensor):
+            S = None
+            for group in op.compose.get(2, []):
+                S = _add(S, _group_product(ctx, group, [x.c] * 2, nd))
+            Y = _second_order(Xk, S, g1, second)
+            if Y is not None:
+                out.append(Y)
+                continue
         if Xk is not None and g1 is not None:
             Y = Xk * g1
         for m in range(2, k + 1):
@@ -210,6 +224,17 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence) -> Jet:
                 Y = _accumulate(Y, S, gm)
         out.append(Y)
     return Jet(y, out)
+
+
+def _second_order(X2: Coef, S: Coef, g1: Tensor, second: tuple) -> Coef:
+    """``X2 g' + S g''`` from a ``second`` hint of :func:`compose`; ``None`` where the hint saves nothing
+    (the general formula is used then)."""
+    kind, t, c = second
+    if S is None or X2 is None:
+        return None
+    if kind == "ratio":
+        return torch.addcmul(X2, S, t, value=c) * g1
+    return torch.addcmul(X2 * g1, S, t, value=c)
 
 
 def product(ctx: Ctx, a, b, bilinear: Callable[[Tensor, Tensor], Tensor], y: Tensor | None = None,

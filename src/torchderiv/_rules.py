@@ -175,7 +175,8 @@ register(aten.gelu.default, _gelu_rule, ELEMENTWISE)
 
 
 def _unary_apply(ctx: Ctx, x: Jet, y: Tensor, derivs) -> Jet:
-    return compose(ctx, x, y, derivs(x.p, y, ctx.K))
+    second = getattr(derivs, "second", None)  # a cheaper form of g'' for the order-2 coefficient
+    return compose(ctx, x, y, derivs(x.p, y, ctx.K), second(x.p, y) if second is not None else None)
 
 
 # functions whose Taylor rule is a real-variable formula: wrong for complex arguments (not holomorphic)

@@ -253,6 +253,10 @@ def compiled_step(s, loss_fn) -> Callable:
     import time
 
     params = list(s.f.parameters())
+    # each scenario measured as its own program: without the reset, dynamo's recompiles for the earlier
+    # scenarios' nets (same loss code, other closures) make the batch dimension dynamic and fill the
+    # recompile limit, and a later scenario would time the leftovers of the earlier ones
+    torch._dynamo.reset()
     with torch.enable_grad():
         compiled = torch.compile(loss_fn)
         t0 = time.perf_counter()
