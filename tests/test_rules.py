@@ -835,6 +835,25 @@ def test_op_without_rule_is_really_uncovered():
     assert NO_RULE_OP not in core_aten_decompositions()
 
 
+def test_decomposition_table_made_once_and_again_after_a_new_op():
+    """The capture's decomposition table (core ATen plus torchderiv's own) is made once per process, not on every
+    capture, and made again when a library registers a CompositeImplicitAutograd op (which torch's core table
+    then holds)."""
+    from torch._decomp import core_aten_decompositions
+
+    from torchderiv import _capture
+
+    first = _capture._decomposition_table()
+    assert _capture._decomposition_table() is first
+    assert set(first) == set(core_aten_decompositions()) | set(_capture._extra_decompositions())
+    lib = torch.library.Library("torchderiv_test_table", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda t: 2 * t, "CompositeImplicitAutograd")
+    again = _capture._decomposition_table()
+    assert again is not first and torch.ops.torchderiv_test_table.twice.default in again
+    assert set(again) == set(core_aten_decompositions()) | set(_capture._extra_decompositions())
+
+
 def test_fallback_order_1_warns_and_is_correct():
     f = lambda x: torch.special.i0(h(x)) * torch.sin(h2(x))  # noqa: E731
     x = rnd(B, 3, seed=1)
