@@ -403,6 +403,24 @@ def params(cases: Sequence[Case], slow: Callable[[Case], bool] | None = None) ->
             for c in cases]
 
 
+def sampled(values: Sequence, every: int, ids: Callable | None = None, multi: bool = False) -> list:
+    """A long parametrization split between the tiers: every ``every``-th value (by position, so the sample spreads
+    over the list's sections, and with an odd ``every`` over alternating variants) stays in ``make test-fast``,
+    the others are marked ``slow``; ``make test`` runs them all. A value may be a ``pytest.param`` (its id and marks
+    are kept), a tuple of the values of several argnames (``multi``) or a single value; ``ids`` names values that are
+    not already params."""
+    import pytest
+    ParameterSet = type(pytest.param())
+
+    out = []
+    for i, v in enumerate(values):
+        p = v if isinstance(v, ParameterSet) else pytest.param(*(v if multi else (v,)),
+                                                              id=ids(v) if ids else None)
+        marks = [*p.marks, *([] if i % every == 0 else [pytest.mark.slow])]
+        out.append(pytest.param(*p.values, id=p.id, marks=marks))
+    return out
+
+
 # ----------------------------------------------------------------------------- test helpers
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import torchderiv as td
+from _harness import params, sampled
 from conftest import (
     DTYPE,
     ZOO,
@@ -28,6 +29,8 @@ from torchderiv._autograd import MAX_UNROLL, AutogradUnavailable, autograd_avail
 zoo = pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
 light = [c for c in ZOO if not c.heavy]
 light_zoo = pytest.mark.parametrize("case", light, ids=[c.name for c in light])
+# orders 3-4 on the wide-input (heavy) architectures: the slow tier (as test_zoo.py's zoo_high)
+zoo_high = pytest.mark.parametrize("case", params(ZOO, slow=lambda c: c.heavy))
 
 
 def _square(case):
@@ -81,7 +84,7 @@ def test_laplacian(case):
                  ref_laplacian(ref, x, dims, C), msg=f"{case.name} weighted")
 
 
-@zoo
+@zoo_high
 def test_partials_mixed_orders(case):
     model, ref, x = case.build()
     n = case.n
@@ -133,8 +136,8 @@ OPS = {
 }
 
 
-@pytest.mark.parametrize("name", ["tanh_mlp", "residual_layernorm", "fourier_features", "multi_output",
-                                  "sigmoid_exp_sqrt"])
+@pytest.mark.parametrize("name", sampled(["tanh_mlp", "residual_layernorm", "fourier_features", "multi_output",
+                                          "sigmoid_exp_sqrt"], 2))  # fast tier: every other model, every op
 @pytest.mark.parametrize("op", list(OPS))
 def test_parameter_gradients_match_forward(name, op):
     """d/dtheta of a weighted sum of the result: the autograd method against the Taylor engine (itself checked

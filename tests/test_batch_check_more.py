@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd.functional import jacobian as ag_jacobian
 
 import torchderiv as td
+from _harness import sampled
 from conftest import assert_close, ref_hessian, ref_jacobian
 from torchderiv import BatchMixingError
 from torchderiv._capture import capture, check_batch_independence
@@ -335,15 +336,18 @@ cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 methods = pytest.mark.parametrize("method", ["forward", "reverse"])
 LAPLACIAN = ("gru_batch_first", "instance_norm2d_after_conv", "index_add_constant_index", "bilinear_scale2", "inv",
              "cdist_per_sample_sets", "cdist_self_rbf_zero_diagonal")
-JACOBIAN_PARAMS = [pytest.param(c, m, id=f"{m}-{c.name}") for c in CASES for m in ("forward", "reverse")]
-HESSIAN_PARAMS = [pytest.param(c, m, id=f"{c.name}-{m}") for c in CASES for m in ("forward", "reverse")
-                  if m == "reverse" or c.order >= 2]
+# the fast tier: every third (case, method), so both methods and every kind of model; make test: all of them
+JACOBIAN_PARAMS = sampled([pytest.param(c, m, id=f"{m}-{c.name}") for c in CASES for m in ("forward", "reverse")], 3)
+# (and a forward Hessian over more than 20 inputs, 1378 directions for cdist_many_points_mm_path, in make test only)
+HESSIAN_PARAMS = sampled([pytest.param(c, m, id=f"{c.name}-{m}",
+                                       marks=[pytest.mark.slow] * (m == "forward" and math.prod(c.in_shape) > 20))
+                          for c in CASES for m in ("forward", "reverse") if m == "reverse" or c.order >= 2], 3)
 
 
 # ----------------------------------------------------------------------------- per-sample models pass
 
 
-@cases
+@pytest.mark.parametrize("case", sampled(CASES, 2), ids=lambda c: c.name)  # fast tier: every other case
 def test_batch_check_follows_the_model(case):
     """The check accepts the model (it raises BatchMixingError on a graph that mixes rows), and rightly so: a
     change of row 0 of x changes row 0 of the output and no other row."""

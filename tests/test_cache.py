@@ -429,6 +429,7 @@ def test_cache_bounded_per_function():
     assert_close(td.jacobian(net, x), ref_jacobian(net, x))
 
 
+@pytest.mark.slow  # 2000 steps (fast tier: the other bounds below)
 def test_cache_flat_over_2000_training_steps():
     net = make_mlp(d_out=1)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchderiv
+from _harness import sampled
 from torchderiv.__main__ import main
 from torchderiv.bench import SCENARIOS, Method, Scenario
 from torchderiv.bench import _methods as M
@@ -125,7 +126,7 @@ def test_slow_and_sub_batch_methods_are_marked(tiny_with, tmp_path, capsys):
     assert ms["sub-batched"]["scaled_from_batch"] == 4 and ms["sub-batched"]["time"]["scale"] == 2.0
 
 
-@pytest.mark.parametrize("op", ["jacobian", "hessian", "partials:0,00,12"])
+@pytest.mark.parametrize("op", sampled(["jacobian", "hessian", "partials:0,00,12"], 2))  # fast tier: 2 of 3
 def test_model_factory(factory_path, op, capsys, tmp_path):
     js = tmp_path / "m.json"
     rc = main(["bench", *QUICK, "--model", "bench_factory:make", "--op", op, "--batch", "12", "--json", str(js)])
@@ -139,8 +140,9 @@ def test_model_factory(factory_path, op, capsys, tmp_path):
     assert all(m["agreed"] for m in sc["methods"])
 
 
-@pytest.mark.parametrize("factory,op", [("make_scalar", "laplacian"), ("make_scalar", "biharmonic"),
-                                        ("make_square", "divergence"), ("make_square", "jacobian_diagonal")])
+@pytest.mark.parametrize("factory,op", sampled([("make_scalar", "laplacian"), ("make_scalar", "biharmonic"),
+                                                ("make_square", "divergence"), ("make_square", "jacobian_diagonal")],
+                                               3, multi=True))  # fast tier: one of each factory
 def test_model_factory_ops(factory_path, factory, op, capsys):
     rc = main(["bench", *QUICK, "--model", f"bench_factory:{factory}", "--op", op])
     out = capsys.readouterr().out

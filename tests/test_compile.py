@@ -101,6 +101,7 @@ def no_recompile_limit(caplog):
     assert not bad, bad
 
 
+@pytest.mark.slow  # twelve families x three batch sizes, each compiled: about a minute on 2 cores
 def test_many_families_one_process(no_recompile_limit):
     """Ten model families, every operator, three batch sizes each, in one process: aot_eager, fullgraph."""
     for fname, (name, loss_of) in FAMILIES.items():
@@ -108,6 +109,7 @@ def test_many_families_one_process(no_recompile_limit):
         _check_family(fname, name, loss_of)
 
 
+@pytest.mark.slow  # twelve compiled calls (fast tier: test_closures_and_bound_methods and the ones below)
 def test_two_models_without_reset(no_recompile_limit):
     """Two models, one compiled loss each, interleaved, caches emptied in between: at most two graphs each."""
     a, b = mlp([2, 10, 10, 1], nn.Tanh).to(DTYPE), mlp([2, 12, 3], nn.Softplus).to(DTYPE)
@@ -131,6 +133,7 @@ def test_two_models_without_reset(no_recompile_limit):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before <= 4
 
 
+@pytest.mark.slow  # four nets, each compiled
 def test_one_loss_code_over_nets_of_other_input_sizes(no_recompile_limit):
     """One loss function (a closure factory: one code object) compiled for nets of input sizes 2, 2, 4, 3 in
     one process, no reset: after the first recompile dynamo's automatic dynamic shapes makes x's feature

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchderiv as td
+from _harness import sampled
 
 DT = torch.float64
 
@@ -66,7 +67,7 @@ def _loop_reference(net, x):
     return J, H
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", sampled(list(MODELS), 2))  # fast tier: every other model
 def test_jacobian_and_hessian(name):
     net = MODELS[name]()
     d = 3 if name.startswith("volume") else 2

@@ -19,7 +19,7 @@ from torch.func import jacrev
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import torchderiv as td
-from _harness import Case, close, params, restricted
+from _harness import Case, close, params, restricted, sampled
 
 DT = torch.float64
 
@@ -310,9 +310,11 @@ FAMS = [
 
 
 fams = pytest.mark.parametrize("fam", params(FAMS))
+# orders 1-2: every other family in the fast tier, all of them in make test
+fams_sampled = pytest.mark.parametrize("fam", sampled(params(FAMS), 2))
 
 
-@fams
+@fams_sampled
 def test_first_order(fam):
     model, _, x = fam.build()
     J = fam.jacobian()
@@ -323,7 +325,7 @@ def test_first_order(fam):
     close(td.jacobian(model, x[:2], batched=False), Jfull, f"{fam.name} jacobian batched=False")
 
 
-@fams
+@fams_sampled
 def test_second_order(fam):
     model, _, x = fam.build()
     for method in ("forward", "reverse"):
