@@ -23,13 +23,14 @@ bench-full: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples
 
-# everything (what CI runs), two worker processes of one thread each (tests/conftest.py)
+# everything (what CI runs), two worker processes of one thread each (tests/conftest.py); whole files per worker
+# (--dist loadfile), so the references a file's tests share are computed in one process, not in both
 test: lint
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# everything not marked slow: for iterating
+# everything not marked slow: for iterating (a sample of each long parametrization, see tests/_harness.py:sampled)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache

@@ -6,13 +6,16 @@ import pytest
 import torch
 
 import torchderiv as td
-from _harness import Case, close, mixed_spec, params, restricted, sym_weights
+from _harness import Case, close, mixed_spec, params, restricted, sampled, sym_weights
 from conftest import ZOO
 
 zoo = pytest.mark.parametrize("case", params(ZOO))
 # orders 3-4 on the wide-input (heavy) architectures: the slow tier
 zoo_high = pytest.mark.parametrize("case", params(ZOO, slow=lambda c: c.heavy))
 light_zoo = pytest.mark.parametrize("case", params([c for c in ZOO if not c.heavy]))
+# variants of an operator checked on every architecture above (batched=False, a repeated call, restricted dims and
+# weights, the Hessian's diagonal): every other architecture in the fast tier, all of them in make test
+zoo_sampled = pytest.mark.parametrize("case", sampled(params(ZOO), 2))
 
 
 def _dims(case: Case) -> list[int]:
@@ -28,7 +31,7 @@ def test_jacobian_batched(case, method):
     close(J, case.jacobian(), f"{case.name} jacobian {method}")
 
 
-@zoo
+@zoo_sampled
 @pytest.mark.parametrize("method", ["forward", "reverse"])
 def test_jacobian_unbatched(case, method):
     """batched=False treats the whole x as one point: cross-sample blocks are zero."""
@@ -39,7 +42,7 @@ def test_jacobian_unbatched(case, method):
     close(J, expected, f"{case.name} jacobian batched=False {method}")
 
 
-@zoo
+@zoo_sampled
 def test_jacobian_repeated_call_is_stable(case):
     """The second identical call (cached graph / fast path) returns the same numbers, also at a new x."""
     model, ref, x = case.build()
@@ -89,7 +92,7 @@ def test_hessian_reverse_silu_no_grad(method):
         close(H, expected.reshape(5, 1, 6, 6), f"silu hessian {method} no_grad")
 
 
-@zoo
+@zoo_sampled
 @pytest.mark.parametrize("method", ["forward", "reverse"])
 def test_hessian_diagonal(case, method):
     model, _, x = case.build()
@@ -105,7 +108,7 @@ def test_laplacian(case, method):
     close(lap, case.laplacian(), f"{case.name} laplacian {method}")
 
 
-@zoo
+@zoo_sampled
 @pytest.mark.parametrize("method", ["forward", "reverse"])
 def test_laplacian_dims_and_weights(case, method):
     model, _, x = case.build()
