@@ -131,6 +131,25 @@ def test_two_models_without_reset(no_recompile_limit):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before <= 4
 
 
+def test_one_loss_code_over_nets_of_other_input_sizes(no_recompile_limit):
+    """One loss function (a closure factory: one code object) compiled for nets of input sizes 2, 2, 4, 3 in
+    one process, no reset: after the first recompile dynamo's automatic dynamic shapes makes x's feature
+    dimension symbolic; torchderiv must still plan with constants (fullgraph, no graph break)."""
+    def make(din, seed):
+        torch.manual_seed(seed)
+        net = mlp([din, 9, 9, 1], nn.Tanh).to(DTYPE)
+
+        def loss(x):
+            return (td.laplacian(net, x) + td.partials(net, x, [(0,), (0, 0)])[(0, 0)]).square().mean()
+
+        return loss
+
+    for i, (din, B) in enumerate([(2, 5), (2, 6), (4, 7), (3, 5), (4, 9)]):
+        loss = make(din, i)
+        x = torch.randn(B, din, dtype=DTYPE, generator=torch.Generator().manual_seed(i))
+        assert_close(torch.compile(loss, backend="aot_eager", fullgraph=True)(x), loss(x))
+
+
 def test_closures_and_bound_methods(no_recompile_limit):
     torch.manual_seed(0)
     net = mlp([2, 8, 1], nn.Tanh).to(DTYPE)

@@ -770,3 +770,19 @@ def test_passthrough_policy_serves_everything_by_deepxde(monkeypatch):
     for a, b in zip(ref, got):
         for ta, tb in zip(a, b):
             torch.testing.assert_close(tb, ta, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"forward": 1.0, "autograd": 10.0, "one_pass": 1.0}, "forward"),  # Taylor beats DeepXDE's 9 by far
+    ({"forward": 5.0, "autograd": 6.0, "one_pass": 2.0}, "passthrough"),  # 5 against DeepXDE's own 4
+    ({"forward": 3.0, "autograd": 2.0, "one_pass": 0.5}, "passthrough"),  # nested autograd is cheapest
+    ({"forward": 3.0, "one_pass": 0.5}, "forward"),  # nothing to compare with (autograd not admissible)
+    (None, "forward"),  # untraceable: the watched first pass decides (_Untraceable)
+])
+def test_speed_policy_prices_deepxde_own_path(monkeypatch, times, want):
+    """DeepXDE's own path is the autograd method without its forward (DeepXDE ran it already): the policy
+    serves by torchderiv only where that is predicted cheaper."""
+    import torchderiv._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "predicted_times", lambda *a, **k: None if times is None else dict(times))
+    assert tdx._method(torch.nn.Linear(2, 1), torch.zeros(3, 2), [(), (0,)]) == want

@@ -240,7 +240,7 @@ def _passes(Y: Tensor, xx: Tensor, n: int, targets: set, V: Tensor | None, keep:
         graph = keep or any(c in plan for c in children)
         cols: list[list[Tensor]] = [[] for _ in children]
         for o in range(m):
-            t = T[:, o]
+            t = T[:, o] if m > 1 else T  # one output: no column to select (nor a stack below)
             g = None
             if t.requires_grad:
                 g = torch.autograd.grad(t.sum(), xx, create_graph=graph, retain_graph=True,
@@ -254,9 +254,10 @@ def _passes(Y: Tensor, xx: Tensor, n: int, targets: set, V: Tensor | None, keep:
                 extra = list(child)
                 for i in p:
                     extra.remove(i)
-                cols[c].append(g[:, extra[0]])
+                j = extra[0]
+                cols[c].append(g[:, j] if m > 1 else g[:, j : j + 1])
         for c, child in enumerate(children):
-            D[child] = torch.stack(cols[c], 1)
+            D[child] = torch.stack(cols[c], 1) if m > 1 else cols[c][0]
     return D
 
 

@@ -23,7 +23,7 @@ from ._build import NoForwardDerivative
 from ._cache import captured, fast_call
 from ._capture import TraceError
 from ._compile import call, compiling, run_eager
-from ._costmodel import autograd_units, choose, forward_units, graph_cost, reverse_units
+from ._costmodel import autograd_units, forward_units, graph_cost, predict, reverse_units
 from ._random import is_random
 from ._random import run as run_random
 from ._requests import METHODS, Request, Work, in_shape, prepare
@@ -84,16 +84,39 @@ def choose_method(op: str, f, x: Tensor, *, batched: bool = True, **options) -> 
 def _method(req: Request, work: Work, f, x: Tensor) -> str:
     if req.method != "auto":
         return req.method
+    times = predicted(req, work, f, x)
+    if times is None:
+        return "forward"  # untraceable f: the torch.func fallback is used whatever the method
+    return min(times, key=times.__getitem__)  # ties: the first in the order forward, reverse, autograd
+
+
+def predicted(req: Request, work: Work, f, x: Tensor, one_pass: bool = False) -> dict[str, float] | None:
+    """The cost model's predicted seconds of every admissible method for ``req`` (in the order forward,
+    reverse, autograd), or ``None`` for an ``f`` that does not trace. With ``one_pass``, the entry
+    ``"one_pass"`` adds the predicted time of one plain pass of ``f`` (with its backward in grad mode): what
+    a caller that already ran ``f`` saves by not running it again (the DeepXDE adapter)."""
     try:
         cap = captured(f, x, req.batched, req.op)
     except TraceError:
-        return "forward"  # untraceable f: the torch.func fallback is used whatever the method
+        return None
     batch = x.shape[0] if req.batched else 1
     grad = torch.is_grad_enabled() and any(isinstance(c, Tensor) and c.requires_grad for c in cap.constants)
     units = candidates(req, work, cap)
     if torch.compiler.is_compiling():  # also while _compile._plan builds: never autograd there
         units.pop("autograd", None)  # a graph break at every torch.autograd.grad
-    return choose(units, graph_cost(cap.gm, batch), batch, grad)
+    cost = graph_cost(cap.gm, batch)
+    times = {m: predict(m, units[m], cost, batch, grad) for m in ("forward", "reverse", "autograd") if m in units}
+    if one_pass:
+        times["one_pass"] = predict("autograd", 1.0, cost, batch, grad)
+    return times
+
+
+def predicted_times(op: str, f, x: Tensor, *, batched: bool = True, one_pass: bool = False,
+                    **options) -> dict[str, float] | None:
+    """:func:`predicted` for the call ``op(f, x, batched=batched, **options)`` (see :func:`choose_method`)."""
+    req = Request(op, batched, "auto", None, tuple(options.items()))
+    validate(req, f, x)
+    return predicted(req, prepare(req, f, x), f, x, one_pass)
 
 
 def candidates(req: Request, work: Work, cap) -> dict[str, float]:

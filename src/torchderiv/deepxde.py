@@ -207,9 +207,24 @@ def _method(net, x: Tensor, spec) -> str:
     Taylor mode, one generated pass; ``"autograd"``, nested reverse passes reused across the step, DeepXDE's
     own idea in one call) or ``"passthrough"`` (every request by DeepXDE's own implementation).
 
-    The one place for the speed policy: what ``method="auto"`` of :func:`torchderiv.partials` picks for this
-    net, batch and spec under the current grad mode (the calibrated cost model, no timing)."""
-    return torchderiv.choose_method("partials", net, x, spec=list(spec))
+    The one place for the speed policy, priced by the calibrated cost model of ``method="auto"`` (no timing):
+    DeepXDE's own path is nested reverse passes on the graph of the forward pass it already ran, i.e. the
+    autograd method without its forward; serving by torchderiv runs the network once more (and its backward
+    in training). So the step passes through when the autograd method is the cheapest, or when the
+    cheapest method plus one more pass of the network is no cheaper than DeepXDE's own path."""
+    from ._dispatch import predicted_times
+
+    times = predicted_times("partials", net, x, spec=list(spec), one_pass=True)
+    if times is None:
+        return "forward"  # untraceable: the first pass is watched and passes the step through (_Untraceable)
+    extra = times.pop("one_pass")
+    best = min(times, key=times.__getitem__)
+    own = times.get("autograd")
+    if own is None:
+        return best
+    if best == "autograd" or times[best] >= own - extra:  # both steps also run DeepXDE's own forward
+        return "passthrough"
+    return best
 
 
 class _Untraceable(RuntimeError):

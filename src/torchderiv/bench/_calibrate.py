@@ -19,6 +19,7 @@ import random
 import signal
 import statistics
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .. import _costmodel
 from .._cache import captured
 from .._dispatch import candidates, validate
 from .._requests import Request, prepare
+from .._taylor import PROBE_BATCH, generated_graph
 
 WIDTHS = [16, 32, 64, 128, 256, 512, 1024]
 DEPTHS = [2, 3, 4, 6, 8]
@@ -36,6 +38,16 @@ DIN = [1, 2, 3, 5, 10, 30, 100]
 DOUT = [1, 2, 3, 10, 50, 150, 400]
 BATCH = [1, 10, 100, 1000, 10_000, 100_000]
 REQUESTS = ["jacobian", "laplacian", "pde2", "pure3", "pure4"]
+# the "pinn" stratum: the small networks of physics-informed training (a few inputs and outputs, widths
+# 16-64, 10^3-10^4 points, first and second partials, a backward to the parameters), where the methods are
+# within tens of percent of each other and the wide design above has few points
+STRATA = {
+    "wide": {"width": WIDTHS, "depth": DEPTHS, "din": DIN, "dout": DOUT, "batch": BATCH, "request": REQUESTS,
+             "grad": [False, True]},
+    "pinn": {"width": [16, 24, 32, 48, 64], "depth": [3, 4, 5, 6], "din": [1, 2, 3, 4], "dout": [1, 2, 3, 4],
+             "batch": [500, 1000, 2000, 4000, 8000, 16000], "request": ["pde2", "pde2", "laplacian", "pure3"],
+             "grad": [True, True, True, False]},
+}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -43,6 +55,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", type=int, default=300, help="design points (default 300)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stratum", choices=sorted(STRATA), default="wide",
+                   help="the design's levels: 'wide' (the whole range, default) or 'pinn' (small "
+                        "physics-informed networks)")
     p.add_argument("--cap", type=float, default=2.0, help="seconds: a method slower than this is timed once")
     p.add_argument("--budget", type=float, default=2e10,
                    help="skip points whose plain forward exceeds this many multiply-adds (default 2e10)")
@@ -56,12 +71,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def design(points: int, seed: int) -> list[dict]:
+def design(points: int, seed: int, stratum: str = "wide") -> list[dict]:
     """Stratified draws: each factor cycles through its levels in a shuffled order (Latin-hypercube-like)."""
     rng = random.Random(seed)
     cols = {}
-    for name, levels in (("width", WIDTHS), ("depth", DEPTHS), ("din", DIN), ("dout", DOUT), ("batch", BATCH),
-                         ("request", REQUESTS), ("grad", [False, True])):
+    for name, levels in STRATA[stratum].items():
         col = [levels[i % len(levels)] for i in range(points)]
         rng.shuffle(col)
         cols[name] = col
@@ -154,9 +168,26 @@ def measure(point: dict, cap: float, budget: float, device: str) -> list[dict]:
                 torch.cuda.synchronize()
 
         seconds = _time(call, cap)
-        rows.append({"method": m, "grad": grad, "units": u, "ops": cost.ops, "flops": cost.flops,
-                     "elems": cost.elems, "batch": batch, "seconds": seconds, "point": point, "op": op})
+        row = {"method": m, "grad": grad, "units": u, "ops": cost.ops, "flops": cost.flops,
+               "elems": cost.elems, "batch": batch, "seconds": seconds, "point": point, "op": op}
+        if m == "forward":
+            row["generated"] = list(astuple(generated_cost(point)))
+        rows.append(row)
     return rows
+
+
+def generated_cost(point: dict) -> _costmodel.GraphCost:
+    """Per-sample size of the generated (Taylor) graph of a design point's request, built at
+    ``PROBE_BATCH`` rows: what the forward method's cost is read from."""
+    torch.manual_seed(0)
+    op, options = _request(point["request"], point["din"])
+    net = _net(point["width"], point["depth"], point["din"], point["dout"], "cpu")
+    x = torch.rand(min(point["batch"], PROBE_BATCH), point["din"])
+    req = Request(op, True, "auto", None, tuple(options.items()))
+    validate(req, net, x)
+    work = prepare(req, net, x)
+    gm = generated_graph(op, net, x, work.items, work.combos, True, work.directions)
+    return _costmodel.graph_cost(gm, x.shape[0])
 
 
 def evaluate(rows: list[dict], constants: dict) -> dict:
@@ -187,7 +218,7 @@ def run(args) -> int:
             if r["method"] == "autograd":
                 r["units"] = _costmodel.autograd_units(_indices(r["point"]), r["point"]["dout"])
         return _write(args, rows, points=len({json.dumps(r["point"], sort_keys=True) for r in rows}), seconds=0.0)
-    points = design(args.points, args.seed)
+    points = design(args.points, args.seed, args.stratum)
     rows: list[dict] = []
     t0 = time.perf_counter()
     for i, p in enumerate(points):
