@@ -569,3 +569,130 @@ def test_bench_stochastic_rows_report_rel_rms(monkeypatch, tmp_path, capsys):
     for name in ("rademacher K=3", "vmap(jvp(jvp)) K=3"):
         assert ms[name]["stochastic"] and ms[name]["status"] == "ok"
         assert 1e-4 < ms[name]["rel_rms_err"] < 10
+
+
+# ----------------------------------------------------------------------------- sparse one-hot seeds
+
+
+class Ball(nn.Module):
+    """``(1 - |x|^2) N(c x)``: the ansatz of examples/high_dim_pde.py (``x * x``, a scaled linear layer)."""
+
+    def __init__(self, d: int, field: bool = False):
+        super().__init__()
+        self.n = mlp(d, d if field else 1, 8)
+
+    def forward(self, x):
+        return (1 - (x * x).sum(-1, keepdim=True)) * self.n(x * 1.7)
+
+
+@pytest.mark.parametrize("kind", ["ball", "mlp", "res", "conv", "attn"])
+def test_coordinate_seeds_match_dense_one_hot_directions(kind):
+    """``"coordinates"`` passes its one-hot seeds to the generated graph as int64 coordinates, kept sparse
+    where the ops allow (first linear layer, input scaling, ``x * x``, ``sum``) and written out elsewhere:
+    the same values as the dense one-hot seeds, at every order, collapsed or per direction, for the
+    parameter gradients too."""
+    from torchderiv._random import directional, onehot_dense
+
+    if kind == "ball":
+        torch.manual_seed(4)
+        net, x = Ball(5).double(), torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    else:
+        net, x = make(kind)
+    n = x[0].numel()
+    g = torch.Generator().manual_seed(2)
+    for lead in (x.shape[0], 1):  # per sample, shared
+        idx = torch.rand((lead, n), generator=g).argsort(-1)[:, :3].T.contiguous()  # [K, lead]
+        V = onehot_dense(idx, x, True)
+        assert V.shape == (3, lead, *x.shape[1:]) and torch.equal(V.flatten(2).sum(-1), torch.ones(3, lead, dtype=F64))
+        for order in (1, 2, 4) if kind in ("ball", "mlp") else (1, 2):
+            for w in (None, (0.5, -1.0, 2.0)):
+                a = directional("laplacian", net, x, idx, order, True, w)
+                b = directional("laplacian", net, x, V, order, True, w)
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        ga, gb = (torch.autograd.grad(directional("laplacian", net, x, seeds, 2, True, (1.0, 2.0, 3.0)).sum(),
+                                      list(net.parameters()), allow_unused=True) for seeds in (idx, V))
+        assert sum(s is not None for s in ga) >= 3
+        for s, t in zip(ga, gb):
+            assert (s is None) == (t is None)
+            if s is not None:
+                torch.testing.assert_close(s, t, atol=1e-12, rtol=1e-10)
+
+
+def test_coordinate_seeds_stay_sparse_in_the_generated_graph():
+    """No tensor of the generated graph holds ``K x B x D`` entries: the first layer selects weight rows.
+    (Per-direction second-order rows of ``x * x``, ``return_stderr``'s plan, are written out: ``[K, B, D]``.)"""
+    from torchderiv._cache import derivative_graph
+    from torchderiv._random import _plan
+
+    torch.manual_seed(0)
+    D, B, K = 50, 4, 3
+    for net, plans in ((Ball(D), [(1.0, 1.0, 1.0)]), (mlp(D, 1, 8), [None, (1.0, 1.0, 1.0)])):
+        x = torch.randn(B, D, dtype=F64)
+        net = net.double()
+        for w in plans:
+            e = derivative_graph(net, x, _plan(K, 2, w), list(range(K)), True, "laplacian", outputs=(2,),
+                                 seed_shape=(K, B), seed_index=True)
+            sizes = [n.meta["val"].numel() for n in e.gm.graph.nodes
+                     if isinstance(n.meta.get("val"), torch.Tensor)]
+            assert sizes and max(sizes) < K * B * D, max(sizes)
+            dense = derivative_graph(net, x, _plan(K, 2, w), list(range(K)), True, "laplacian", outputs=(2,),
+                                     seed_shape=(K, B, D))
+            assert max(n.meta["val"].numel() for n in dense.gm.graph.nodes
+                       if isinstance(n.meta.get("val"), torch.Tensor)) >= K * B * D  # the test can fail
+
+
+def test_coordinates_divergence_and_unbatched_with_index_seeds():
+    net, x = make("res", field=True)
+    g = torch.Generator().manual_seed(0)
+    est, se = torchderiv.divergence(net, x, estimator="coordinates", samples=2, generator=g, return_stderr=True)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.rand((x.shape[0], 4), generator=g, dtype=F64).topk(2, largest=False).indices  # the same draw
+    V = torch.zeros(x.shape[0], 2, 4, dtype=F64).scatter_(2, idx.unsqueeze(-1), 2.0)  # sqrt(D) e_i
+    torch.testing.assert_close(est, torchderiv.divergence(net, x, directions=V), atol=1e-12, rtol=1e-10)
+    R = 400
+    net1, x1 = make("mlp")
+    exact = torchderiv.laplacian(net1, x1[:1])[0]
+    ests = torch.stack([torchderiv.laplacian(net1, x1[0], batched=False, estimator="coordinates", samples=2,
+                                             generator=g) for _ in range(R)])
+    assert_unbiased(ests, exact, R)
+
+
+# ----------------------------------------------------------------------------- jet-for-pytorch peer row
+
+
+def test_jet_row_left_out_with_a_note_when_jet_is_absent(monkeypatch):
+    """jet-for-pytorch is a local peer only (never a dependency): without it, the scenario has no jet row and
+    no target against it, and says so; its builder refuses cleanly."""
+    from torchderiv.bench import SCENARIOS
+    from torchderiv.bench import _scenarios as SC
+    from torchderiv.bench import _stochastic as S
+    from torchderiv.bench._methods import MethodUnavailable, Setup
+
+    for name in ("laplacian-d1000-random", "divergence-ffjord"):
+        monkeypatch.setitem(SCENARIOS, name, SCENARIOS[name])  # restored after the test
+    monkeypatch.setattr(S, "jet_available", lambda: False)
+    SC._random_scenarios()
+    sc = SCENARIOS["laplacian-d1000-random"]
+    assert not any("jet-for-pytorch" in m.name for m in sc.methods)
+    assert not any(t.versus and "jet" in t.versus for t in sc.targets)
+    assert any("jet-for-pytorch: not installed" in n for n in sc.notes)
+    with pytest.raises(MethodUnavailable, match="not installed"):
+        S.jet_laplacian(4)(Setup(mlp(3), torch.randn(2, 3)))
+
+
+def test_jet_row_agrees_with_the_exact_laplacian_when_installed():
+    """Where jet-for-pytorch is installed (a local comparison, see docs/high_dim.md), its randomized Laplacian
+    row (per-sample Rademacher directions via vmap) is an unbiased estimate with independent rows."""
+    pytest.importorskip("jet", reason="jet-for-pytorch is an optional local benchmark peer")
+    from torchderiv.bench import _stochastic as S
+    from torchderiv.bench._methods import Setup
+
+    net, x = make("mlp")  # tanh: jet 1.0.0 has no rule for softplus
+    exact = torchderiv.laplacian(net, x)
+    R = 200
+    torch.manual_seed(0)
+    run = S.jet_laplacian(2)(Setup(net, replicate(x, R)))
+    with torch.no_grad():
+        est = run()[0]
+    assert est.shape == replicate(exact, R).shape
+    assert_unbiased(est, exact, R)

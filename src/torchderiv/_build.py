@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
+from . import _onehot
 from ._capture import Captured
 from ._jet import Ctx, Jet
 from ._plan import Plan
@@ -129,13 +130,21 @@ def _interpret(ctx: Ctx, gm: fx.GraphModule, inputs: list):
                 env[n] = n.target(*args, **kwargs)
                 continue
             target = _functional(n.target)
-            r = RULES.get(target)
-            try:
-                if r is None:
-                    raise Unsupported("no rule")
-                env[n] = r(ctx, *args, **kwargs)
-            except Unsupported:
-                env[n] = _no_rule(ctx, target, args, kwargs)
+            y = None
+            if _onehot.involved(args, kwargs):  # sparse one-hot seeds: kept sparse where an op allows
+                y = _onehot.sparse_rule(ctx, target, args, kwargs)
+                if y is None:
+                    args, kwargs = _onehot.densify(args, kwargs)
+            if y is not None:
+                env[n] = y
+            else:
+                r = RULES.get(target)
+                try:
+                    if r is None:
+                        raise Unsupported("no rule")
+                    env[n] = r(ctx, *args, **kwargs)
+                except Unsupported:
+                    env[n] = _no_rule(ctx, target, args, kwargs)
             if target is not n.target and isinstance(n.args[0], fx.Node):
                 env[n.args[0]] = env[n]  # an in-place op: later readers of its input see the result
         elif n.op == "output":
@@ -169,7 +178,8 @@ def _one_meta_mode():
 
 
 def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool,
-          outputs: tuple[int, ...] | None = None, seed_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
+          outputs: tuple[int, ...] | None = None, seed_shape: tuple[int, ...] | None = None,
+          seed_index: bool = False) -> fx.GraphModule:
     """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``.
 
     ``outputs`` names the orders the caller reads; the others come back as ``None`` and the work that
@@ -177,7 +187,9 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
 
     With ``seed_shape`` (``[R, B or 1, *in]``), the first-order seeds are not baked in as constants but
     are a graph input: ``(x, seeds, *constants)``; ``dirs`` is then unused (random directions drawn
-    afresh on every call reuse one graph, see :mod:`torchderiv._random`)."""
+    afresh on every call reuse one graph, see :mod:`torchderiv._random`). With ``seed_index`` as well, that
+    input is an int64 tensor ``seed_shape`` (``[R, B or 1]``, or ``[R]`` unbatched) of flat input coordinates:
+    one-hot seeds kept sparse (:mod:`torchderiv._onehot`))."""
 
     def taylor(xx, *rest):
         if seed_shape is not None:
@@ -185,6 +197,8 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
         else:
             s, consts = s_const, rest
         ctx = Ctx(plan)
+        if seed_index:
+            s = _onehot.OneHot(s, (*s.shape, *(xx.shape[1:] if batched else xx.shape)))
         xj = Jet(xx, [s] + [None] * (plan.order - 1))
         out = _interpret(ctx, cap.gm, [xj, *consts])
         if not isinstance(out, Jet):
@@ -196,6 +210,8 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
                 continue
             if X is None:
                 X = ctx.zeros(k + 1, out.p)
+            elif isinstance(X, _onehot.OneHot):  # f returned (a scaled copy of) its input
+                X = X.dense(out.p.dtype)
             coefs.append(X)
         return (out.p, *coefs)
 
@@ -211,7 +227,8 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
         consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
         xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
         s_const = None if seed_shape is not None else seeds(dirs, x, batched)
-        sb = () if seed_shape is None else (torch.zeros(seed_shape, dtype=x.dtype, device=x.device),)
+        sb = () if seed_shape is None else (torch.zeros(seed_shape, dtype=torch.long if seed_index else x.dtype,
+                                                         device=x.device),)
         with _one_meta_mode():
             gm = make_fx(taylor)(xb, *sb, *consts)
     gm.graph.eliminate_dead_code()

@@ -297,10 +297,12 @@ def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
 
 def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
                      fname: str, outputs: tuple[int, ...] | None = None,
-                     seed_shape: tuple[int, ...] | None = None) -> Entry:
-    """The cached generated graph; with ``seed_shape`` its seeds are a graph input (see ``build``)."""
+                     seed_shape: tuple[int, ...] | None = None, seed_index: bool = False) -> Entry:
+    """The cached generated graph; with ``seed_shape`` its seeds are a graph input (see ``build``; with
+    ``seed_index``, one-hot seeds given as coordinates)."""
     slot = _slot(f)
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs, seed_shape)
+    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs, seed_shape,
+           seed_index)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
@@ -308,7 +310,7 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], 
         cap = captured(f, x, batched, fname)
         try:
             with about(f):  # a per-op fallback warning while building names this f
-                gm = build(cap, plan, dirs, x, batched, outputs, seed_shape)
+                gm = build(cap, plan, dirs, x, batched, outputs, seed_shape, seed_index)
             e = Entry(gm=gm, constants=cap.constants, **_state(f, cap))
         except NotImplementedError as err:  # an op without a rule at this order (or without forward AD at all)
             # a fresh copy: the caught one's traceback would keep the failed trace's frames alive

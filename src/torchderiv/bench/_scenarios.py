@@ -388,9 +388,14 @@ def _random_scenarios() -> None:
     jet_row = f"jet-for-pytorch randomized Laplacian K={K}"
     if S.jet_available():
         lap.append(Method(jet_row, S.jet_laplacian(K), stochastic=True))
+        notes.append(f"jet-for-pytorch {S.jet_version()}: a local peer, per-sample Rademacher directions by "
+                     f"vmap(randomness='different') over its per-point laplacian(randomization=('rademacher', {K})); "
+                     "on Python 3.11 installed with --ignore-requires-python and one PEP 695 alias patched "
+                     "(docs/high_dim.md)")
     else:
-        notes.append("jet-for-pytorch: not installed (its 1.0.0 wheel declares Python >= 3.12); its row and the "
-                     "1.5x target against it are left out")
+        notes.append("jet-for-pytorch: not installed (its 1.0.0 wheel declares Python >= 3.12; a local install "
+                     "for comparison is described in docs/high_dim.md); its row and the 1.5x target against it "
+                     "are left out")
     rad = f"torchderiv.laplacian rademacher K={K}"
     register(Scenario(
         "laplacian-d1000-random",

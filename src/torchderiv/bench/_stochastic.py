@@ -8,6 +8,7 @@ a tolerance. Directions are drawn inside every timed call (per sample unless the
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -101,6 +102,13 @@ def ag_hutchinson_divergence(samples: int) -> Builder:
 
 def jet_available() -> bool:
     return importlib.util.find_spec("jet") is not None
+
+
+def jet_version() -> str:
+    try:
+        return importlib.metadata.version("jet-for-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 def jet_laplacian(samples: int) -> Builder:
