@@ -176,13 +176,19 @@ def test_no_graph_without_need_and_input_gradient():
     with torch.no_grad():
         L = td.laplacian(model, x, method="autograd")
     assert not L.requires_grad
-    for p in model.parameters():
-        p.requires_grad_(False)
-    assert not td.laplacian(model, x, method="autograd").requires_grad
-    xg = x.clone().requires_grad_()
-    a = torch.autograd.grad(td.laplacian(model, xg, method="autograd").sum(), xg)[0]
-    b = torch.autograd.grad(td.laplacian(model, xg, method="forward").sum(), xg)[0]
-    assert_close(a, b)
+    # the zoo's model is shared by every test of the process (test_compile.py differentiates its parameters):
+    # frozen here, unfrozen after
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        assert not td.laplacian(model, x, method="autograd").requires_grad
+        xg = x.clone().requires_grad_()
+        a = torch.autograd.grad(td.laplacian(model, xg, method="autograd").sum(), xg)[0]
+        b = torch.autograd.grad(td.laplacian(model, xg, method="forward").sum(), xg)[0]
+        assert_close(a, b)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------- exactness where torch's is not
