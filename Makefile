@@ -23,12 +23,13 @@ bench-full: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples
 
-# everything (what CI runs), two worker processes of one thread each (tests/conftest.py); whole files per worker
-# (--dist loadfile), so the references a file's tests share are computed in one process, not in both
+# everything (what CI runs), two worker processes of one thread each (tests/conftest.py)
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2
 
-# everything not marked slow: for iterating (a sample of each long parametrization, see tests/_harness.py:sampled)
+# everything not marked slow: for iterating (a sample of each long parametrization, see tests/_harness.py:sampled);
+# whole files per worker (--dist loadfile): the references a file's tests share are computed in one process, not
+# both (make test keeps test-by-test balancing: there one file, test_compile.py, alone takes about 85 s of CPU)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
