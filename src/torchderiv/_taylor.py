@@ -57,20 +57,6 @@ def streams(items, combos, directions=None) -> Plan:
     return plan_for(*normalized(items, combos), directions)[1]
 
 
-PROBE_BATCH = 2  # rows of x the cost model builds the generated graph at (its ops do not depend on B)
-
-
-def generated_graph(fname: str, f, x: Tensor, items, combos, batched: bool, directions=None):
-    """The generated graph of a request built at :data:`PROBE_BATCH` rows of ``x`` (batched) or at ``x``
-    (unbatched): what the cost model of ``method="auto"`` reads the forward method's work from. Cached like
-    every generated graph; raises what building raises (``NotImplementedError``, ``TraceError``)."""
-    items, combos = normalized(items, combos)
-    coords, plan, where_items, where_combos, _ = plan_for(items, combos, directions)
-    outputs = tuple(sorted({k for k, _ in where_items if k} | {k for k, _ in where_combos}))
-    probe = x[:PROBE_BATCH] if batched else x
-    return derivative_graph(f, probe, plan, coords, batched, fname, outputs).gm
-
-
 def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequence[Combo], batched: bool,
            chunk_size: int | None = None, stacked: bool = True, assemble=None, fast_key=None, directions=None,
            reference_combos=None):

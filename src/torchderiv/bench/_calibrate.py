@@ -19,7 +19,6 @@ import random
 import signal
 import statistics
 import time
-from dataclasses import astuple
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from .. import _costmodel
 from .._cache import captured
 from .._dispatch import candidates, validate
 from .._requests import Request, prepare
-from .._taylor import PROBE_BATCH, generated_graph
 
 WIDTHS = [16, 32, 64, 128, 256, 512, 1024]
 DEPTHS = [2, 3, 4, 6, 8]
@@ -168,26 +166,9 @@ def measure(point: dict, cap: float, budget: float, device: str) -> list[dict]:
                 torch.cuda.synchronize()
 
         seconds = _time(call, cap)
-        row = {"method": m, "grad": grad, "units": u, "ops": cost.ops, "flops": cost.flops,
-               "elems": cost.elems, "batch": batch, "seconds": seconds, "point": point, "op": op}
-        if m == "forward":
-            row["generated"] = list(astuple(generated_cost(point)))
-        rows.append(row)
+        rows.append({"method": m, "grad": grad, "units": u, "ops": cost.ops, "flops": cost.flops,
+                     "elems": cost.elems, "batch": batch, "seconds": seconds, "point": point, "op": op})
     return rows
-
-
-def generated_cost(point: dict) -> _costmodel.GraphCost:
-    """Per-sample size of the generated (Taylor) graph of a design point's request, built at
-    ``PROBE_BATCH`` rows: what the forward method's cost is read from."""
-    torch.manual_seed(0)
-    op, options = _request(point["request"], point["din"])
-    net = _net(point["width"], point["depth"], point["din"], point["dout"], "cpu")
-    x = torch.rand(min(point["batch"], PROBE_BATCH), point["din"])
-    req = Request(op, True, "auto", None, tuple(options.items()))
-    validate(req, net, x)
-    work = prepare(req, net, x)
-    gm = generated_graph(op, net, x, work.items, work.combos, True, work.directions)
-    return _costmodel.graph_cost(gm, x.shape[0])
 
 
 def evaluate(rows: list[dict], constants: dict) -> dict:
