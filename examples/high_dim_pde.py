@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from _common import mlp
 from torch import Tensor, nn
 
 import torchderiv
@@ -106,14 +107,7 @@ class Ansatz(nn.Module):
     def __init__(self, dim: int, width: int, depth: int, input_scale: float = 1.0):
         super().__init__()
         self.scale = input_scale
-        sizes = [dim] + [width] * depth + [1]
-        layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            lin = nn.Linear(a, b)
-            nn.init.xavier_normal_(lin.weight)
-            nn.init.zeros_(lin.bias)
-            layers += [lin, nn.Tanh()]
-        self.net = nn.Sequential(*layers[:-1])
+        self.net = mlp(dim, width, depth)
         if input_scale != 1.0:
             nn.init.zeros_(self.net[-1].weight)
 
