@@ -144,11 +144,11 @@ def predict(method: str, units: float, cost: GraphCost, batch: int, grad: bool, 
     return c[0] + units * (c[1] * cost.ops + c[2] * batch * cost.flops + c[3] * batch * cost.elems)
 
 
-def choose(candidates: dict[str, float], cost: GraphCost, batch: int, grad: bool) -> str:
-    """The method of least predicted time among ``candidates`` (``{method: units}``, in a fixed order
-    of preference for ties: forward, reverse, autograd)."""
-    order = [m for m in ("forward", "reverse", "autograd") if m in candidates]
-    return min(order, key=lambda m: predict(m, candidates[m], cost, batch, grad))
+def cheapest(times: dict[str, float]) -> str:
+    """The method of least predicted time in ``times`` (``{method: seconds}``; ties go to the first in the
+    order forward, reverse, autograd)."""
+    order = [m for m in ("forward", "reverse", "autograd") if m in times]
+    return min(order, key=times.__getitem__)
 
 
 def fit(rows: list[dict]) -> dict:

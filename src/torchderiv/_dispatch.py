@@ -23,7 +23,7 @@ from ._build import NoForwardDerivative
 from ._cache import captured, fast_call
 from ._capture import TraceError
 from ._compile import call, compiling, run_eager
-from ._costmodel import autograd_units, forward_units, graph_cost, predict, reverse_units
+from ._costmodel import autograd_units, cheapest, forward_units, graph_cost, predict, reverse_units
 from ._random import is_random
 from ._random import run as run_random
 from ._requests import METHODS, Request, Work, in_shape, prepare
@@ -73,12 +73,18 @@ def choose_method(op: str, f, x: Tensor, *, batched: bool = True, **options) -> 
         >>> torchderiv.choose_method("partials", net, torch.rand(256, 2), spec=[(0, 0, 0)])  # third order
         'forward'
     """
+    req, work = _auto_request("choose_method", op, f, x, batched, options)
+    return _method(req, work, f, x)
+
+
+def _auto_request(caller: str, op, f, x: Tensor, batched: bool, options: dict) -> tuple[Request, Work]:
+    """The validated ``method="auto"`` request of the call ``op(f, x, batched=batched, **options)`` and its work."""
     op = getattr(op, "__name__", op)
     if op not in METHODS:
-        raise ValueError(f"choose_method: op must name a torchderiv operator ({', '.join(METHODS)}), got {op!r}")
+        raise ValueError(f"{caller}: op must name a torchderiv operator ({', '.join(METHODS)}), got {op!r}")
     req = Request(op, batched, "auto", None, tuple(options.items()))
     validate(req, f, x)
-    return _method(req, prepare(req, f, x), f, x)
+    return req, prepare(req, f, x)
 
 
 def _method(req: Request, work: Work, f, x: Tensor) -> str:
@@ -87,12 +93,12 @@ def _method(req: Request, work: Work, f, x: Tensor) -> str:
     times = predicted(req, work, f, x)
     if times is None:
         return "forward"  # untraceable f: the torch.func fallback is used whatever the method
-    return min(times, key=times.__getitem__)  # ties: the first in the order forward, reverse, autograd
+    return cheapest(times)
 
 
 def predicted(req: Request, work: Work, f, x: Tensor, one_pass: bool = False) -> dict[str, float] | None:
-    """The cost model's predicted seconds of every admissible method for ``req`` (in the order forward,
-    reverse, autograd), or ``None`` for an ``f`` that does not trace. With ``one_pass``, the entry
+    """The cost model's predicted seconds of every admissible method for ``req``, or ``None`` for an ``f``
+    that does not trace. With ``one_pass``, the entry
     ``"one_pass"`` adds the predicted time of one plain pass of ``f`` (with its backward in grad mode): what
     a caller that already ran ``f`` saves by not running it again (the DeepXDE adapter)."""
     try:
@@ -105,7 +111,7 @@ def predicted(req: Request, work: Work, f, x: Tensor, one_pass: bool = False) ->
     if torch.compiler.is_compiling():  # also while _compile._plan builds: never autograd there
         units.pop("autograd", None)  # a graph break at every torch.autograd.grad
     cost = graph_cost(cap.gm, batch)
-    times = {m: predict(m, units[m], cost, batch, grad) for m in ("forward", "reverse", "autograd") if m in units}
+    times = {m: predict(m, u, cost, batch, grad) for m, u in units.items()}
     if one_pass:
         times["one_pass"] = predict("autograd", 1.0, cost, batch, grad)
     return times
@@ -114,9 +120,8 @@ def predicted(req: Request, work: Work, f, x: Tensor, one_pass: bool = False) ->
 def predicted_times(op: str, f, x: Tensor, *, batched: bool = True, one_pass: bool = False,
                     **options) -> dict[str, float] | None:
     """:func:`predicted` for the call ``op(f, x, batched=batched, **options)`` (see :func:`choose_method`)."""
-    req = Request(op, batched, "auto", None, tuple(options.items()))
-    validate(req, f, x)
-    return predicted(req, prepare(req, f, x), f, x, one_pass)
+    req, work = _auto_request("predicted_times", op, f, x, batched, options)
+    return predicted(req, work, f, x, one_pass)
 
 
 def candidates(req: Request, work: Work, cap) -> dict[str, float]:

@@ -203,13 +203,12 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence, second: tuple | None 
         g1 = derivs[0]
         Y = None
         Xk = x.c[k - 1]
-        if k == 2 and second is not None and isinstance(g1, Tensor):
+        if k == 2 and second is not None and Xk is not None and isinstance(g1, Tensor):
             S = None
             for group in op.compose.get(2, []):
                 S = _add(S, _group_product(ctx, group, [x.c] * 2, nd))
-            Y = _second_order(Xk, S, g1, second)
-            if Y is not None:
-                out.append(Y)
+            if S is not None:  # else no product term: the general formula below is X2 g' alone
+                out.append(_second_order(Xk, S, g1, second))
                 continue
         if Xk is not None and g1 is not None:
             Y = Xk * g1
@@ -226,12 +225,9 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence, second: tuple | None 
     return Jet(y, out)
 
 
-def _second_order(X2: Coef, S: Coef, g1: Tensor, second: tuple) -> Coef:
-    """``X2 g' + S g''`` from a ``second`` hint of :func:`compose`; ``None`` where the hint saves nothing
-    (the general formula is used then)."""
+def _second_order(X2: Tensor, S: Tensor, g1: Tensor, second: tuple) -> Tensor:
+    """``X2 g' + S g''`` from a ``second`` hint of :func:`compose`."""
     kind, t, c = second
-    if S is None or X2 is None:
-        return None
     if kind == "ratio":
         return torch.addcmul(X2, S, t, value=c) * g1
     return torch.addcmul(X2 * g1, S, t, value=c)

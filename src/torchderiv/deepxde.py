@@ -212,17 +212,19 @@ def _method(net, x: Tensor, spec) -> str:
     autograd method without its forward; serving by torchderiv runs the network once more (and its backward
     in training). So the step passes through when the autograd method is the cheapest, or when the
     cheapest method is not predicted at least :data:`_MARGIN` times faster than DeepXDE's own path."""
+    from ._costmodel import cheapest
     from ._dispatch import predicted_times
 
     times = predicted_times("partials", net, x, spec=list(spec), one_pass=True)
     if times is None:
         return "forward"  # untraceable: the first pass is watched and passes the step through (_Untraceable)
     extra = times.pop("one_pass")
-    best = min(times, key=times.__getitem__)
+    best = cheapest(times)
     own = times.get("autograd")
     if own is None:
         return best
-    if best == "autograd" or times[best] * _MARGIN >= own - extra:  # both steps also run DeepXDE's forward
+    # both steps also run DeepXDE's forward; best == "autograd" (own <= times[best]) always passes through
+    if times[best] * _MARGIN >= own - extra:
         return "passthrough"
     return best
 
