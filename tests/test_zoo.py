@@ -8,6 +8,7 @@ import torch
 import torchderiv as td
 from _harness import Case, close, mixed_spec, params, restricted, sampled, sym_weights
 from conftest import ZOO
+from torchderiv._taylor import direction_groups, normalized
 
 zoo = pytest.mark.parametrize("case", params(ZOO))
 # orders 3-4 on the wide-input (heavy) architectures: the slow tier
@@ -138,6 +139,21 @@ def test_partials_each_order_alone(case):
     for key in [(b, b, 0), (0, b, b, b)]:
         got = td.partials(model, x, [key])
         close(got[key], case.partial(key), f"{case.name} partial {key}")
+
+
+@pytest.mark.parametrize("case", sampled(params([c for c in ZOO if c.n >= 2]), 2))
+def test_partials_of_independent_groups(case):
+    """Directions that no requested partial mixes are propagated group by group in one graph (u_t with u_xx:
+    torchderiv._taylor.direction_groups); every entry against the per-sample reference."""
+    model, _, x = case.build()
+    a, b, c = 0, 1, case.n - 1
+    spec = [(), (a,), (b, b)] + ([(c, c, c)] if c > b else [(b, b, b)])
+    items, combos = normalized([k for k in spec], [])
+    assert direction_groups(items, combos) is not None, "the request must take the grouped path"
+    got = td.partials(model, x, spec)
+    expected = case.partials(spec)
+    for key in spec:
+        close(got[key], expected[key], f"{case.name} partial {key} (grouped)")
 
 
 @zoo_high

@@ -177,8 +177,8 @@ def _one_meta_mode():
     return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
 
 
-def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: bool,
-          outputs: tuple[int, ...] | None = None, seed_shape: tuple[int, ...] | None = None,
+def build(cap: Captured, plan: Plan | tuple[Plan, ...], dirs: list, x: torch.Tensor, batched: bool,
+          outputs: tuple | None = None, seed_shape: tuple[int, ...] | None = None,
           seed_index: bool = False) -> fx.GraphModule:
     """Generate the derivative graph: ``(x, *constants) -> (y, c_1, ..., c_K)``.
 
@@ -189,7 +189,15 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
     are a graph input: ``(x, seeds, *constants)``; ``dirs`` is then unused (random directions drawn
     afresh on every call reuse one graph, see :mod:`torchderiv._random`). With ``seed_index`` as well, that
     input is an int64 tensor ``seed_shape`` (``[R, B or 1]``, or ``[R]`` unbatched) of flat input coordinates:
-    one-hot seeds kept sparse (:mod:`torchderiv._onehot`))."""
+    one-hot seeds kept sparse (:mod:`torchderiv._onehot`)).
+
+    With a tuple of plans (``dirs`` and ``outputs`` then tuples of one entry per plan; constant seeds only),
+    the graph propagates independent groups of directions side by side, each in its own coefficient tensors:
+    ``(x, *constants) -> (y, c_1 of the first plan, ..., c_K of the first plan, c_1 of the second, ...)``.
+    Each group interprets ``f`` again; the repeated primal computation is one computation after
+    :func:`merge_common`. See :func:`torchderiv._taylor.direction_groups` for when this pays."""
+    if not isinstance(plan, Plan):
+        return _build_groups(cap, plan, dirs, x, batched, outputs)
 
     def taylor(xx, *rest):
         if seed_shape is not None:
@@ -200,20 +208,7 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
         if seed_index:
             s = _onehot.OneHot(s, (*s.shape, *(xx.shape[1:] if batched else xx.shape)))
         xj = Jet(xx, [s] + [None] * (plan.order - 1))
-        out = _interpret(ctx, cap.gm, [xj, *consts])
-        if not isinstance(out, Jet):
-            out = Jet(out, [None] * plan.order)
-        coefs = []
-        for k, X in enumerate(out.c):
-            if outputs is not None and k + 1 not in outputs:
-                coefs.append(None)
-                continue
-            if X is None:
-                X = ctx.zeros(k + 1, out.p)
-            elif isinstance(X, _onehot.OneHot):  # f returned (a scaled copy of) its input
-                X = X.dense(out.p.dtype)
-            coefs.append(X)
-        return (out.p, *coefs)
+        return tuple(_jet_coefs(ctx, _interpret(ctx, cap.gm, [xj, *consts]), outputs))
 
     # tensors made while building (seeds, index and coefficient tables) are kept in the graph: never
     # inference tensors, which could not take part in a later call that autograd records
@@ -234,3 +229,83 @@ def build(cap: Captured, plan: Plan, dirs: list[int], x: torch.Tensor, batched: 
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _jet_coefs(ctx: Ctx, out, outputs: tuple[int, ...] | None) -> list:
+    """The coefficients a generated graph returns for ``f``'s result ``out``: ``None`` for orders not read,
+    explicit zeros for orders that stayed identically zero, dense tensors for sparse one-hot ones."""
+    if not isinstance(out, Jet):
+        out = Jet(out, [None] * ctx.plan.order)
+    coefs = []
+    for k, X in enumerate(out.c):
+        if outputs is not None and k + 1 not in outputs:
+            coefs.append(None)
+            continue
+        if X is None:
+            X = ctx.zeros(k + 1, out.p)
+        elif isinstance(X, _onehot.OneHot):  # f returned (a scaled copy of) its input
+            X = X.dense(out.p.dtype)
+        coefs.append(X)
+    return [out.p, *coefs]
+
+
+def _build_groups(cap: Captured, plans: tuple, dirs: tuple, x: torch.Tensor, batched: bool,
+                  outputs: tuple | None) -> fx.GraphModule:
+    """:func:`build` for independent groups of directions (one plan each), in one graph."""
+
+    def taylor(xx, *consts):
+        y, coefs = None, []
+        for plan, s, outs in zip(plans, seed_consts, outputs or (None,) * len(plans)):
+            ctx = Ctx(plan)
+            res = _jet_coefs(ctx, _interpret(ctx, cap.gm, [Jet(xx, [s] + [None] * (plan.order - 1)), *consts]),
+                             outs)
+            y = res[0] if y is None else y
+            coefs += res[1:]
+        return (y, *coefs)
+
+    with torch.inference_mode(False), torch.no_grad():
+        consts = [c.detach() for c in cap.constants]
+        xb = x.detach().clone(memory_format=torch.contiguous_format)
+        seed_consts = [seeds(d, x, batched) for d in dirs]
+        with _one_meta_mode():
+            gm = make_fx(taylor)(xb, *consts)
+    merge_common(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _hashable(a):
+    if isinstance(a, (list, tuple)):
+        return tuple(_hashable(b) for b in a)
+    if isinstance(a, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in a.items()))
+    if isinstance(a, (fx.Node, int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                      torch.memory_format)):
+        return a
+    raise TypeError  # a tensor or another object held in the graph: not compared
+
+
+def merge_common(graph: fx.Graph) -> int:
+    """Common-subexpression elimination: one node for every set of calls of the same pure ATen op on the same
+    arguments (the primal computation that each group of :func:`build` repeats); returns how many went.
+    Ops that mutate or draw random numbers are never merged."""
+    seen: dict = {}
+    merged = 0
+    for n in list(graph.nodes):
+        t = n.target
+        if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable \
+                or torch.Tag.nondeterministic_seeded in t.tags:
+            continue
+        try:
+            key = (t, _hashable(n.args), _hashable(n.kwargs))
+        except TypeError:
+            continue
+        prev = seen.get(key)
+        if prev is None:
+            seen[key] = n
+        else:
+            n.replace_all_uses_with(prev)
+            graph.erase_node(n)
+            merged += 1
+    return merged

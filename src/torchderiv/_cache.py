@@ -295,14 +295,16 @@ def output_shape(f: Callable, x: torch.Tensor, batched: bool, fname: str):
     return tuple(captured(f, x, batched, fname).out_val.shape)
 
 
-def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan, dirs: list[int], batched: bool,
-                     fname: str, outputs: tuple[int, ...] | None = None,
+def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan | tuple[Plan, ...], dirs: list, batched: bool,
+                     fname: str, outputs: tuple | None = None,
                      seed_shape: tuple[int, ...] | None = None, seed_index: bool = False) -> Entry:
     """The cached generated graph; with ``seed_shape`` its seeds are a graph input (see ``build``; with
-    ``seed_index``, one-hot seeds given as coordinates)."""
+    ``seed_index``, one-hot seeds given as coordinates); with a tuple of plans, one graph for independent
+    groups of directions (``dirs`` and ``outputs`` one entry per plan)."""
     slot = _slot(f)
-    key = (tuple(x.shape), x.dtype, x.device, plan.key, tuple(dirs), batched, _mode(f), outputs, seed_shape,
-           seed_index)
+    pkey = plan.key if isinstance(plan, Plan) else tuple(p.key for p in plan)
+    key = (tuple(x.shape), x.dtype, x.device, pkey, tuple(map(tuple, dirs)) if not isinstance(plan, Plan)
+           else tuple(dirs), batched, _mode(f), outputs, seed_shape, seed_index)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)

@@ -82,6 +82,18 @@ def full(X: Tensor, shape: Sequence[int]) -> Tensor:
     return X.expand(X.shape[0], *shape)
 
 
+def lead(t, X: Tensor):
+    """A primal-shaped factor ``t`` with size-1 dims prepended up to ``X.dim()`` (a view).
+
+    Coefficients carry a leading row dim that a primal factor lacks; multiplying them as they are makes
+    autograd reduce the factor's gradient over that dim with a ``sum`` kernel (a zero-filled output and a
+    pass over the data) even where the dim has size 1, on every such product of a backward. Given the dim,
+    the reduction runs only where there is something to add (several rows)."""
+    if isinstance(t, Tensor) and t.dim() < X.dim():
+        return t.reshape((1,) * (X.dim() - t.dim()) + tuple(t.shape))
+    return t
+
+
 def is_full(X: Tensor, shape: Sequence[int]) -> bool:
     return tuple(X.shape[1:]) == tuple(shape)
 
@@ -154,7 +166,7 @@ def _accumulate(Y: Coef, S: Tensor, g) -> Tensor:
     if Y is None:
         return S * g
     if isinstance(g, Tensor):
-        return torch.addcmul(Y, S, g)
+        return torch.addcmul(Y, S, lead(g, S))
     return Y.add(S, alpha=g)
 
 
@@ -211,7 +223,7 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence, second: tuple | None 
                 out.append(_second_order(Xk, S, g1, second))
                 continue
         if Xk is not None and g1 is not None:
-            Y = Xk * g1
+            Y = Xk * lead(g1, Xk)
         for m in range(2, k + 1):
             gm = derivs[m - 1]
             if gm is None or (isinstance(gm, (int, float)) and gm == 0):
@@ -229,8 +241,8 @@ def _second_order(X2: Tensor, S: Tensor, g1: Tensor, second: tuple) -> Tensor:
     """``X2 g' + S g''`` from a ``second`` hint of :func:`compose`."""
     kind, t, c = second
     if kind == "ratio":
-        return torch.addcmul(X2, S, t, value=c) * g1
-    return torch.addcmul(X2 * g1, S, t, value=c)
+        return torch.addcmul(X2, S, lead(t, S), value=c) * lead(g1, X2)
+    return torch.addcmul(X2 * lead(g1, X2), S, lead(t, S), value=c)
 
 
 def product(ctx: Ctx, a, b, bilinear: Callable[[Tensor, Tensor], Tensor], y: Tensor | None = None,
@@ -251,9 +263,11 @@ def product(ctx: Ctx, a, b, bilinear: Callable[[Tensor, Tensor], Tensor], y: Ten
     for k, op in enumerate(ctx.plan.orders, start=1):
         Y = None
         if isinstance(b, Jet) and b.c[k - 1] is not None:
-            Y = bilinear(pa, align(b.c[k - 1], nb))
+            B = align(b.c[k - 1], nb)
+            Y = bilinear(lead(pa, B) if elementwise else pa, B)
         if isinstance(a, Jet) and a.c[k - 1] is not None:
-            Y = _add(Y, bilinear(align(a.c[k - 1], na), pb))
+            A = align(a.c[k - 1], na)
+            Y = _add(Y, bilinear(A, lead(pb, A) if elementwise else pb))
         if isinstance(a, Jet) and isinstance(b, Jet):
             for group in op.product:
                 t = _group_product(
@@ -283,8 +297,12 @@ def add(ctx: Ctx, a, b, y: Tensor, alpha=1) -> Jet | Tensor:
 def scale(ctx: Ctx, x: Jet, s, y: Tensor) -> Jet:
     """Jet of ``x * s`` for a constant ``s`` (tensor or number)."""
     if isinstance(s, Tensor):
-        return Jet(y, [None if X is None else align(X, y.dim()) * s for X in x.c])
+        return Jet(y, [None if X is None else _times(align(X, y.dim()), s) for X in x.c])
     return Jet(y, [None if X is None else X * s for X in x.c])
+
+
+def _times(X: Tensor, s: Tensor) -> Tensor:
+    return X * lead(s, X)
 
 
 def as_jet(ctx: Ctx, x) -> Jet:

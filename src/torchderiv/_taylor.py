@@ -77,7 +77,7 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
     assemble = assemble or (lambda *r: r)
     items, combos = normalized(items, combos)
     try:
-        captured(f, x, batched, fname)
+        cap = captured(f, x, batched, fname)
     except TraceError as e:  # the whole request through torch.func, unchunked
         y, parts, sums = traced_fallback(fname, f, x, items, reference_combos or combos, batched, e,
                                          None if reference_combos else directions, chunk_size)
@@ -87,9 +87,14 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
         return assemble(y, parts, sums)
     if chunk_size is not None and (len(items) > chunk_size or any(len(c) > chunk_size for c in combos)):
         return assemble(*_chunked(fname, f, x, items, combos, batched, chunk_size, stacked, directions))
-    coords, plan, where_items, where_combos, whole = plan_for(items, combos, directions)
-    outputs = tuple(sorted({k for k, _ in where_items if k} | {k for k, _ in where_combos}))
-    entry = derivative_graph(f, x, plan, coords, batched, fname, outputs)
+    groups = direction_groups(items, combos) if _repeatable(cap) else None
+    if groups is None:
+        coords, plan, where_items, where_combos, whole = plan_for(items, combos, directions)
+        outputs = tuple(sorted({k for k, _ in where_items if k} | {k for k, _ in where_combos}))
+        entry = derivative_graph(f, x, plan, coords, batched, fname, outputs)
+    else:
+        entry, where_items, where_combos = _group_graph(f, x, items, combos, groups, batched, fname, directions)
+        whole = None
     gm, consts = entry.gm, entry.constants
 
     def extract(x):
@@ -117,6 +122,95 @@ def taylor(fname: str, f, x: Tensor, items: Sequence[MultiIndex], combos: Sequen
     elif _cache.RECORD is not None:  # the torch.compile path asks which graph serves this request
         _cache.RECORD.append(((fname,), lambda x: assemble(*extract(x)), entry))
     return assemble(*res)
+
+
+# At most this many independent groups are propagated side by side (see :func:`direction_groups`).
+MAX_GROUPS = 4
+
+
+def direction_groups(items: tuple, combos: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Split a request into groups of directions propagated in coefficient tensors of their own, or ``None``
+    to keep it whole.
+
+    Two directions are independent when no requested multi-index or combination holds both: then no Taylor
+    coefficient of one ever mixes in the other. Independent parts that ask for the same things (``u_xx`` and
+    ``u_yy``: each one first and one pure second order) share one stacked plan, where every row takes part in
+    every product term; parts that ask for different things (``u_t`` and ``u_xx``: the square of the
+    first-order row of ``x`` only) are propagated apart (:func:`torchderiv._build.build` with several
+    plans). Stacked, such a request slices single rows out for its product terms (the backward of a slice
+    zero-fills the whole stack) and broadcasts every elementwise factor over rows that need it at different
+    orders. ``u, u_t, u_xx`` is thus two groups (``t``; ``x``), ``u_t, u_xx, u_yy, u_zz`` two (``t``;
+    ``x, y, z``), a Laplacian, a Hessian or ``u_xx, u_yy`` one. At most :data:`MAX_GROUPS`.
+
+    Returns, per group, the positions of its items and of its combinations (the value ``()`` belongs to no
+    group: it is the graph's first output)."""
+    parent: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while parent.setdefault(i, i) != i:
+            i = parent[i]
+        return i
+
+    def link(coords) -> None:
+        coords = list(coords)
+        for c in coords[1:]:
+            parent[find(c)] = find(coords[0])
+        for c in coords:
+            find(c)
+
+    for a in items:
+        link(a)
+    for c in combos:
+        link([i for a, _ in c for i in a])
+    if len({find(i) for i in parent}) < 2:
+        return None
+    # each independent part's request with its own coordinates renumbered 0, 1, ...: parts alike share a group
+    parts: dict[int, tuple[list[int], list[int]]] = {}
+    for i, a in enumerate(items):
+        if a:
+            parts.setdefault(find(a[0]), ([], []))[0].append(i)
+    for j, c in enumerate(combos):
+        parts.setdefault(find(c[0][0][0]), ([], []))[1].append(j)
+    buckets: dict[tuple, tuple[list[int], list[int]]] = {}
+    for gi, gc in parts.values():
+        used = sorted({i for k in gi for i in items[k]} | {i for k in gc for a, _ in combos[k] for i in a})
+        pos = {c: r for r, c in enumerate(used)}
+        sig = (tuple(sorted(tuple(pos[i] for i in items[k]) for k in gi)),
+               tuple(sorted(tuple((tuple(pos[i] for i in a), w) for a, w in combos[k]) for k in gc)))
+        b = buckets.setdefault(sig, ([], []))
+        b[0].extend(gi)
+        b[1].extend(gc)
+    if not 2 <= len(buckets) <= MAX_GROUPS:
+        return None
+    return [(sorted(gi), sorted(gc)) for gi, gc in buckets.values()]
+
+
+def _repeatable(cap) -> bool:
+    """Whether ``f``'s captured graph may run once per group (each group interprets it anew): no op that
+    writes in place (a buffer updated twice) or draws random numbers (different draws per group)."""
+    return not any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                   and (n.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in n.target.tags)
+                   for n in cap.gm.graph.nodes)
+
+
+def _group_graph(f, x, items, combos, groups, batched, fname, directions):
+    """The generated graph of a request split into ``groups``, and where each item and combination lives
+    in its outputs: ``(output index, row)``, index 0 the value."""
+    subs = [plan_for(tuple(items[i] for i in gi), tuple(combos[j] for j in gc), directions) for gi, gc in groups]
+    plans = tuple(s[1] for s in subs)
+    dirs = tuple(tuple(s[0]) for s in subs)
+    outputs = tuple(tuple(sorted({k for k, _ in s[2] if k} | {k for k, _ in s[3]})) for s in subs)
+    entry = derivative_graph(f, x, plans, dirs, batched, fname, outputs)
+    where_items: list = [(0, 0)] * len(items)
+    where_combos: list = [None] * len(combos)
+    off = 0
+    for (gi, gc), (_, plan, wi, wc, _) in zip(groups, subs):
+        for i, (k, r) in zip(gi, wi):
+            where_items[i] = (off + k, r)
+        for j, (k, r) in zip(gc, wc):
+            where_combos[j] = (off + k, r)
+        off += plan.order
+    return entry, where_items, where_combos
 
 
 def _row(X: Tensor, r: int, y: Tensor) -> Tensor:
