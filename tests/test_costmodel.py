@@ -79,3 +79,31 @@ def test_shipped_table_is_well_formed():
         for mode in ("grad", "nograd"):
             c = t[method][mode]
             assert len(c) == 4 and all(v >= 0 for v in c)
+    assert set(_costmodel.margins()) <= {"forward", "reverse", "autograd"}
+    assert all(1.0 <= v <= 1.5 for v in _costmodel.margins().values())
+
+
+def test_a_decision_margin_weighs_a_method_in_the_choice():
+    times = {"forward": 1.1, "autograd": 1.0}
+    assert _costmodel.cheapest(times, {}) == "autograd"
+    assert _costmodel.cheapest(times, {"autograd": 1.15}) == "forward"
+    assert _costmodel.cheapest({"forward": 1.2, "autograd": 1.0}, {"autograd": 1.15}) == "autograd"
+
+
+def test_fit_margins_takes_the_middle_of_the_best_interval():
+    """Synthetic points where the model over-rates nested autograd by 8 %: autograd measured 8 % slower than
+    predicted, so every margin from 1.10 on chooses right at the points within 8 % and the middle of the best
+    margins (1.10 .. 1.50) is picked."""
+    from torchderiv.bench._calibrate import evaluate, fit_margins
+
+    consts = {m: {"grad": [0.0, 0.0, 0.0, 1e-9], "nograd": [0.0, 0.0, 0.0, 1e-9]}
+              for m in ("forward", "autograd")}
+    rows = []
+    for i, (uf, ua) in enumerate([(10, 9.5), (10, 9.8), (10, 5), (10, 12)]):
+        point = {"i": i}
+        for m, u, t in (("forward", uf, uf), ("autograd", ua, ua * 1.08)):
+            rows.append({"method": m, "grad": True, "units": u, "ops": 1, "flops": 0, "elems": 1, "batch": 1e9,
+                         "seconds": t, "point": point})
+    assert evaluate(rows, consts, {})["picked_fastest"] == 2
+    assert evaluate(rows, consts, {"autograd": 1.1})["picked_fastest"] == 4
+    assert fit_margins(rows, consts) == {"autograd": 1.3}

@@ -129,13 +129,22 @@ _DEFAULT = {m: {g: [0.0, 0.0, 1e-9, 1e-9] for g in ("nograd", "grad")} for m in 
 
 
 @lru_cache(maxsize=1)
+def _shipped() -> dict:
+    try:
+        return json.loads(TABLE_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def table() -> dict:
     """The fitted constants ``{method: {"grad"|"nograd": [c0, c1, c2, c3]}}`` (read once)."""
-    try:
-        data = json.loads(TABLE_PATH.read_text())
-        return data["constants"]
-    except (OSError, KeyError, ValueError):
-        return _DEFAULT
+    return _shipped().get("constants", _DEFAULT)
+
+
+def margins() -> dict:
+    """The fitted decision margins ``{method: factor}``: a method is chosen only where its predicted time times
+    its factor is the least (see :func:`fit_margins`); 1 for a method not listed."""
+    return _shipped().get("margins", {})
 
 
 def predict(method: str, units: float, cost: GraphCost, batch: int, grad: bool, constants: dict | None = None
@@ -144,11 +153,13 @@ def predict(method: str, units: float, cost: GraphCost, batch: int, grad: bool, 
     return c[0] + units * (c[1] * cost.ops + c[2] * batch * cost.flops + c[3] * batch * cost.elems)
 
 
-def cheapest(times: dict[str, float]) -> str:
-    """The method of least predicted time in ``times`` (``{method: seconds}``; ties go to the first in the
-    order forward, reverse, autograd)."""
+def cheapest(times: dict[str, float], factors: dict | None = None) -> str:
+    """The method of least predicted time in ``times`` (``{method: seconds}``), each time weighed by its
+    decision margin (``factors``, default the shipped :func:`margins`); ties go to the first in the order
+    forward, reverse, autograd."""
+    factors = margins() if factors is None else factors
     order = [m for m in ("forward", "reverse", "autograd") if m in times]
-    return min(order, key=times.__getitem__)
+    return min(order, key=lambda m: times[m] * factors.get(m, 1.0))
 
 
 def fit(rows: list[dict]) -> dict:
