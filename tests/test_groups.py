@@ -13,8 +13,6 @@ import torchderiv as td
 from torchderiv import _cache, _taylor
 from torchderiv._taylor import direction_groups, normalized
 
-torch.set_default_dtype(torch.float64)
-
 
 def _groups(spec, combos=()):
     return direction_groups(*normalized(spec, combos))
@@ -49,7 +47,7 @@ def _mlp(act=nn.Tanh, sizes=(3, 16, 16, 2)):
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), act()]
-    return nn.Sequential(*layers[:-1])
+    return nn.Sequential(*layers[:-1]).double()
 
 
 def _nested(f, x, spec):
@@ -75,7 +73,7 @@ def _whole(monkeypatch):
 @pytest.mark.parametrize("act", [nn.Tanh, nn.SiLU, nn.GELU, nn.Softplus])
 def test_values_and_parameter_gradients_equal_the_unsplit_graph_and_nested_autograd(act, monkeypatch):
     f = _mlp(act)
-    x = torch.rand(7, 3)
+    x = torch.rand(7, 3, dtype=torch.float64)
     spec = [(), (2,), (0, 0), (1, 1, 1)]
     assert _groups(spec) is not None
 
@@ -104,7 +102,7 @@ def _graph(f, x, spec):
 
 def test_the_primal_computation_runs_once_per_call():
     f = _mlp(sizes=(3, 16, 16, 16, 1))
-    x = torch.rand(5, 3)
+    x = torch.rand(5, 3, dtype=torch.float64)
     (gm,) = _graph(f, x, [(), (0,), (1, 1), (2, 2, 2)])  # three groups
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.aten.tanh.default) == 3
@@ -118,7 +116,7 @@ class _Counting(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = _mlp()
-        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
 
     def forward(self, x):
         self.calls.add_(1)
@@ -127,7 +125,7 @@ class _Counting(nn.Module):
 
 def test_a_graph_that_writes_in_place_is_never_split():
     f = _Counting()
-    x = torch.rand(4, 3)
+    x = torch.rand(4, 3, dtype=torch.float64)
     spec = [(), (0,), (1, 1)]
     cap = _cache.captured(f, x, True, "partials")
     assert not _taylor._repeatable(cap)
