@@ -215,7 +215,7 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence, second: tuple | None 
         g1 = derivs[0]
         Y = None
         Xk = x.c[k - 1]
-        if k == 2 and second is not None and Xk is not None and isinstance(g1, Tensor):
+        if k == 2 and second is not None and isinstance(g1, Tensor):
             S = None
             for group in op.compose.get(2, []):
                 S = _add(S, _group_product(ctx, group, [x.c] * 2, nd))
@@ -237,9 +237,13 @@ def compose(ctx: Ctx, x: Jet, y: Tensor, derivs: Sequence, second: tuple | None 
     return Jet(y, out)
 
 
-def _second_order(X2: Tensor, S: Tensor, g1: Tensor, second: tuple) -> Tensor:
-    """``X2 g' + S g''`` from a ``second`` hint of :func:`compose`."""
+def _second_order(X2: Tensor | None, S: Tensor, g1: Tensor, second: tuple) -> Tensor:
+    """``X2 g' + S g''`` from a ``second`` hint of :func:`compose` (``X2`` ``None``: zero, as after the first
+    linear layer; the constant goes onto ``S``, which is broadcast over the batch there)."""
     kind, t, c = second
+    if X2 is None:
+        Y = (S * c) * lead(t, S)
+        return Y * lead(g1, Y) if kind == "ratio" else Y
     if kind == "ratio":
         return torch.addcmul(X2, S, lead(t, S), value=c) * lead(g1, X2)
     return torch.addcmul(X2 * lead(g1, X2), S, lead(t, S), value=c)
