@@ -251,7 +251,9 @@ def _jet_coefs(ctx: Ctx, out, outputs: tuple[int, ...] | None) -> list:
 
 def _build_groups(cap: Captured, plans: tuple, dirs: tuple, x: torch.Tensor, batched: bool,
                   outputs: tuple | None) -> fx.GraphModule:
-    """:func:`build` for independent groups of directions (one plan each), in one graph."""
+    """:func:`build` for independent groups of directions (one plan each), in one graph. ``f``'s graph is
+    interpreted once per group, so it must neither write in place nor draw random numbers (the caller checks:
+    :func:`torchderiv._taylor._repeatable`)."""
 
     def taylor(xx, *consts):
         y, coefs = None, []
