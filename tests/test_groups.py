@@ -143,3 +143,29 @@ def test_dropout_in_training_mode_is_never_split():
     cap = _cache.captured(f, torch.rand(4, 3), True, "partials")
     assert not _taylor._repeatable(cap)
     assert _taylor._repeatable(_cache.captured(f.eval(), torch.rand(4, 3), True, "partials"))
+
+
+class _Transposed(nn.Module):
+    """Its output is a transposed view (non-contiguous): each group's one-row coefficients are read out
+    of such tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 6).double()
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)).view(-1, 2, 3).transpose(1, 2)
+
+
+def test_grouped_partials_of_a_non_contiguous_output():
+    f = _Transposed()
+    x = torch.rand(4, 2, dtype=torch.float64)
+    spec = [(), (0,), (1, 1)]
+    assert _groups(spec) is not None
+    got = td.partials(f, x, spec)
+    one = lambda xi: f(xi[None])[0]  # noqa: E731
+    J = torch.func.vmap(torch.func.jacrev(one))(x)
+    H = torch.func.vmap(torch.func.hessian(one))(x)
+    torch.testing.assert_close(got[()], f(x))
+    torch.testing.assert_close(got[(0,)], J[..., 0])
+    torch.testing.assert_close(got[(1, 1)], H[..., 1, 1])

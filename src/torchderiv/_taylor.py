@@ -215,7 +215,7 @@ def _group_graph(f, x, items, combos, groups, batched, fname, directions):
 
 def _row(X: Tensor, r: int, y: Tensor) -> Tensor:
     if X.shape[0] == 1 and X.shape[1:] == y.shape:  # a view whose backward is a view (no zero-filled copy)
-        return X.view(y.shape)
+        return X.reshape(y.shape)
     return full(X[r : r + 1], y.shape)[0]
 
 
