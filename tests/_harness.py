@@ -222,6 +222,20 @@ def partials(f: Callable, x: Tensor, spec: Sequence[tuple[int, ...]], loop: bool
     return {key: out[key] for key in spec}
 
 
+def nested_partial(f: Callable, x: Tensor, key: Sequence[int]) -> Tensor:
+    """The partial ``key`` of every output column of ``f`` (``[B, m]``) by nested ``torch.autograd.grad``, kept
+    differentiable (w.r.t. the parameters too, to any order): an independent reference for training paths."""
+    x = x.detach().requires_grad_(True)
+    y = f(x)
+    outs = []
+    for o in range(y.shape[1]):
+        d = y[:, o]
+        for i in key:
+            d = torch.autograd.grad(d.sum(), x, create_graph=True)[0][:, i]
+        outs.append(d)
+    return torch.stack(outs, 1)
+
+
 def fd_partial(f: Callable, x: Tensor, key: Sequence[int], h: float = 1e-3) -> Tensor:
     """Nested central differences along the flattened coordinates of ``key`` (a loose check of references:
     truncation O(h^2) per level, rounding about eps / h^k)."""

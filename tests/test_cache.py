@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import torchderiv as td
+from _harness import nested_partial
 from conftest import (
     FourierNet,
     ResidualLN,
@@ -491,18 +492,6 @@ def _nested_grad_laplacian(net, x):
     return lap
 
 
-def _nested_grad_partial(net, x, key):
-    x = x.detach().requires_grad_(True)
-    y = net(x)
-    outs = []
-    for o in range(y.shape[1]):
-        d = y[:, o]
-        for i in key:
-            d = torch.autograd.grad(d.sum(), x, create_graph=True)[0][:, i]
-        outs.append(d)
-    return torch.stack(outs, 1)
-
-
 def _param_grads(net, loss):
     """Parameter gradients, zeros for parameters a derivative does not depend on (e.g. the last bias)."""
     params = list(net.parameters())
@@ -522,12 +511,12 @@ def _losses(what, net, ref, x, R):
     if what in ("hessian", "hessian_rev"):
         H = td.hessian(net, x, method="reverse" if what == "hessian_rev" else "forward")
         return (H[:, :, 0, 1].pow(2).sum() + H[:, :, 2, 2].sum(),
-                _nested_grad_partial(ref, x, (0, 1)).pow(2).sum() + _nested_grad_partial(ref, x, (2, 2)).sum())
+                nested_partial(ref, x, (0, 1)).pow(2).sum() + nested_partial(ref, x, (2, 2)).sum())
     if what == "partials":
         keys = [(0,), (1, 2), (0, 2, 2)]
         d = td.partials(net, x, keys)
         return (sum((d[k] * (i + 1)).sum() for i, k in enumerate(keys)),
-                sum((_nested_grad_partial(ref, x, k) * (i + 1)).sum() for i, k in enumerate(keys)))
+                sum((nested_partial(ref, x, k) * (i + 1)).sum() for i, k in enumerate(keys)))
     raise AssertionError(what)
 
 
@@ -559,7 +548,7 @@ def test_biharmonic_is_differentiable_wrt_parameters():
     net = make_mlp(d_in=2, width=6, d_out=1)
     x = _x(3, 2)
     ours = td.biharmonic(net, x).pow(2).sum()
-    theirs = sum(_nested_grad_partial(net, x, (i, i, j, j)) for i in range(2) for j in range(2)).pow(2).sum()
+    theirs = sum(nested_partial(net, x, (i, i, j, j)) for i in range(2) for j in range(2)).pow(2).sum()
     for a, b in zip(_param_grads(net, ours), _param_grads(net, theirs)):
         assert_close(a, b, atol=1e-9, rtol=1e-7)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import torchderiv as td
+from _harness import nested_partial
 from torchderiv import _cache, _taylor
 from torchderiv._taylor import direction_groups, normalized
 
@@ -51,19 +52,8 @@ def _mlp(act=nn.Tanh, sizes=(3, 16, 16, 2)):
 
 
 def _nested(f, x, spec):
-    """Every partial of ``spec`` by nested torch.autograd.grad, per output column, kept differentiable."""
-    x = x.detach().requires_grad_(True)
-    y = f(x)
-    out = {}
-    for key in spec:
-        cols = []
-        for o in range(y.shape[1]):
-            g = y[:, o]
-            for i in key:
-                g = torch.autograd.grad(g.sum(), x, create_graph=True)[0][:, i]
-            cols.append(g)
-        out[key] = torch.stack(cols, 1)
-    return out
+    """Every partial of ``spec`` by nested torch.autograd.grad, kept differentiable."""
+    return {key: nested_partial(f, x, key) for key in spec}
 
 
 def _whole(monkeypatch):
