@@ -194,21 +194,32 @@ def build(cap: Captured, plan: Plan | tuple[Plan, ...], dirs: list, x: torch.Ten
     With a tuple of plans (``dirs`` and ``outputs`` then tuples of one entry per plan; constant seeds only),
     the graph propagates independent groups of directions side by side, each in its own coefficient tensors:
     ``(x, *constants) -> (y, c_1 of the first plan, ..., c_K of the first plan, c_1 of the second, ...)``.
-    Each group interprets ``f`` again; the repeated primal computation is one computation after
-    :func:`merge_common`. See :func:`torchderiv._taylor.direction_groups` for when this pays."""
-    if not isinstance(plan, Plan):
-        return _build_groups(cap, plan, dirs, x, batched, outputs)
+    Each group interprets ``f`` again, so ``f``'s graph must neither write in place nor draw random numbers
+    (the caller checks: :func:`torchderiv._taylor._repeatable`); the repeated primal computation is one
+    computation after :func:`merge_common`. See :func:`torchderiv._taylor.direction_groups` for when this
+    pays."""
+    # one entry per group of directions: (plan, dirs, outputs); one group unless a tuple of plans came
+    if isinstance(plan, Plan):
+        groups = [(plan, dirs, outputs)]
+    else:
+        groups = list(zip(plan, dirs, outputs or (None,) * len(plan)))
 
     def taylor(xx, *rest):
         if seed_shape is not None:
-            s, consts = rest[0], rest[1:]
+            s_in, consts = rest[0], rest[1:]
         else:
-            s, consts = s_const, rest
-        ctx = Ctx(plan)
-        if seed_index:
-            s = _onehot.OneHot(s, (*s.shape, *(xx.shape[1:] if batched else xx.shape)))
-        xj = Jet(xx, [s] + [None] * (plan.order - 1))
-        return tuple(_jet_coefs(ctx, _interpret(ctx, cap.gm, [xj, *consts]), outputs))
+            s_in, consts = None, rest
+        y, coefs = None, []
+        for (plan_g, _, outs), s_g in zip(groups, seed_consts):
+            s = s_g if s_in is None else s_in
+            ctx = Ctx(plan_g)
+            if seed_index:
+                s = _onehot.OneHot(s, (*s.shape, *(xx.shape[1:] if batched else xx.shape)))
+            res = _jet_coefs(ctx, _interpret(ctx, cap.gm, [Jet(xx, [s] + [None] * (plan_g.order - 1)), *consts]),
+                             outs)
+            y = res[0] if y is None else y  # every group computes the same value
+            coefs += res[1:]
+        return (y, *coefs)
 
     # tensors made while building (seeds, index and coefficient tables) are kept in the graph: never
     # inference tensors, which could not take part in a later call that autograd records
@@ -221,11 +232,13 @@ def build(cap: Captured, plan: Plan | tuple[Plan, ...], dirs: list, x: torch.Ten
         holders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][1:]
         consts = [c.detach().clone() if n in written else c.detach() for n, c in zip(holders, cap.constants)]
         xb = x.detach().clone(memory_format=torch.contiguous_format)  # the strides run() gets; never inference
-        s_const = None if seed_shape is not None else seeds(dirs, x, batched)
+        seed_consts = [None if seed_shape is not None else seeds(d, x, batched) for _, d, _ in groups]
         sb = () if seed_shape is None else (torch.zeros(seed_shape, dtype=torch.long if seed_index else x.dtype,
                                                          device=x.device),)
         with _one_meta_mode():
             gm = make_fx(taylor)(xb, *sb, *consts)
+    if len(groups) > 1:  # each group interpreted f anew: one primal computation
+        merge_common(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -247,34 +260,6 @@ def _jet_coefs(ctx: Ctx, out, outputs: tuple[int, ...] | None) -> list:
             X = X.dense(out.p.dtype)
         coefs.append(X)
     return [out.p, *coefs]
-
-
-def _build_groups(cap: Captured, plans: tuple, dirs: tuple, x: torch.Tensor, batched: bool,
-                  outputs: tuple | None) -> fx.GraphModule:
-    """:func:`build` for independent groups of directions (one plan each), in one graph. ``f``'s graph is
-    interpreted once per group, so it must neither write in place nor draw random numbers (the caller checks:
-    :func:`torchderiv._taylor._repeatable`)."""
-
-    def taylor(xx, *consts):
-        y, coefs = None, []
-        for plan, s, outs in zip(plans, seed_consts, outputs or (None,) * len(plans)):
-            ctx = Ctx(plan)
-            res = _jet_coefs(ctx, _interpret(ctx, cap.gm, [Jet(xx, [s] + [None] * (plan.order - 1)), *consts]),
-                             outs)
-            y = res[0] if y is None else y
-            coefs += res[1:]
-        return (y, *coefs)
-
-    with torch.inference_mode(False), torch.no_grad():
-        consts = [c.detach() for c in cap.constants]
-        xb = x.detach().clone(memory_format=torch.contiguous_format)
-        seed_consts = [seeds(d, x, batched) for d in dirs]
-        with _one_meta_mode():
-            gm = make_fx(taylor)(xb, *consts)
-    merge_common(gm.graph)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
 
 
 def _hashable(a):

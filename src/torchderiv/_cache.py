@@ -303,8 +303,8 @@ def derivative_graph(f: Callable, x: torch.Tensor, plan: Plan | tuple[Plan, ...]
     groups of directions (``dirs`` and ``outputs`` one entry per plan)."""
     slot = _slot(f)
     pkey = plan.key if isinstance(plan, Plan) else tuple(p.key for p in plan)
-    key = (tuple(x.shape), x.dtype, x.device, pkey, tuple(map(tuple, dirs)) if not isinstance(plan, Plan)
-           else tuple(dirs), batched, _mode(f), outputs, seed_shape, seed_index)
+    key = (tuple(x.shape), x.dtype, x.device, pkey, tuple(dirs), batched, _mode(f), outputs, seed_shape,
+           seed_index)
     e = slot.get(key)
     if e is not None and e.fresh(f):
         slot.move_to_end(key)
