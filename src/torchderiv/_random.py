@@ -33,6 +33,7 @@ from ._cache import check_output, derivative_graph, fast_call, register_fast
 from ._capture import TraceError
 from ._fallback import per_sample, written_out
 from ._jet import full
+from ._onehot import OneHot
 from ._plan import Plan
 from ._requests import Request, check_dims, check_weights, in_shape
 
@@ -281,10 +282,7 @@ def onehot_dense(V: Tensor, x: Tensor, batched: bool) -> Tensor:
     ``[K, 1 or B, *in]`` / ``[K, *in]``; a floating-point ``V`` is returned as it is."""
     if V.dtype != torch.long:
         return V
-    ins = in_shape(x, batched)
-    X = torch.zeros((*V.shape, numel(ins)), dtype=x.dtype, device=x.device)
-    X.scatter_(-1, V.unsqueeze(-1), 1.0)
-    return X.reshape(*V.shape, *ins)
+    return OneHot(V, (*V.shape, *in_shape(x, batched))).dense(x.dtype)
 
 
 # ----------------------------------------------------------------------------- propagation
